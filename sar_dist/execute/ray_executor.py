@@ -1,0 +1,122 @@
+"""Run shard tasks as Ray tasks: the only ``import ray`` in the library.
+
+Each shard task becomes one Ray task that requests one CPU and its estimated memory,
+writes its shard straight to the output and returns only a small ``ShardResult``;
+Ray retries it on worker or node loss (and on transient I/O errors). The driver
+collects results as they finish and reports progress; ``commit`` runs afterwards.
+
+With no address, Ray starts locally (the embedded default) with limits suited to a
+small machine: object store capped (no tensors travel through it), dashboard off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sar_dist.execute.progress import Progress
+from sar_dist.execute.shard import run_shard_task
+from sar_dist.plan.types import ShardResult, ShardTask
+
+logger = logging.getLogger(__name__)
+
+LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
+DEFAULT_MAX_RETRIES = 3
+# transient errors worth a retry of the whole shard task (its output is rewritten whole)
+RETRY_EXCEPTIONS: list[type[BaseException]] = [ConnectionError, TimeoutError]
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to Ray, or start a local instance.
+
+    Args:
+        address: a cluster address (``auto``, ``HOST:6379``, ``ray://HOST:10001``);
+            None uses ``RAY_ADDRESS`` if set (inside ``ray job submit``), else starts a
+            local Ray.
+        num_cpus: CPUs for a local Ray (default: all).
+
+    Returns:
+        True if this call started or connected Ray (the caller shuts it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    if address is not None:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    ray.init(
+        address="local",  # never join a stale cluster recorded in /tmp/ray
+        num_cpus=num_cpus,
+        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+    return True
+
+
+def run_ray(
+    tasks: Sequence[ShardTask],
+    progress: Progress | None = None,
+    on_result: Callable[[ShardResult], None] | None = None,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+) -> list[ShardResult]:
+    """Run tasks on Ray and collect their results as they finish.
+
+    Args:
+        tasks: shard tasks still to do.
+        progress: receives per-shard progress.
+        on_result: called with each finished shard.
+        address: Ray address (see ``ensure_ray``).
+        num_cpus: CPUs for a local Ray.
+        max_retries: retries per task on worker loss or transient errors.
+
+    Returns:
+        Results in task order.
+
+    Raises:
+        The first task's error (its original exception type), after cancelling the rest.
+    """
+    import ray
+
+    started = ensure_ray(address, num_cpus)
+    try:
+        remote = ray.remote(run_shard_task)
+        pending: dict[Any, ShardTask] = {}
+        for task in tasks:
+            ref = remote.options(
+                name=f"sar-dist:{task.file_name}",
+                num_cpus=1,
+                memory=task.estimated_bytes,
+                max_retries=max_retries,
+                retry_exceptions=RETRY_EXCEPTIONS,
+            ).remote(task)
+            pending[ref] = task
+        results: dict[int, ShardResult] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                task = pending.pop(ref)
+                try:
+                    result: ShardResult = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    for other in pending:
+                        ray.cancel(other)
+                    cause = e.cause if isinstance(e.cause, BaseException) else e
+                    raise cause from None
+                results[task.index] = result
+                if progress is not None:
+                    progress.shard_done(result, task.out_bytes, counted_tensors=False)
+                if on_result is not None:
+                    on_result(result)
+        return [results[t.index] for t in tasks]
+    finally:
+        if started:
+            ray.shutdown()

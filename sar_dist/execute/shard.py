@@ -1,0 +1,116 @@
+"""``run_shard_task``: the only read -> merge -> write loop.
+
+Work proceeds in units (a whole tensor, or a block of rows of a tensor that an
+elementwise method may process in pieces); the inputs of the next unit are read on a
+background thread while the current one merges (bounded prefetch of one unit), and the
+result streams into the shard file. The shard is visible only when complete; then a
+receipt records its size and sha256 so a rerun can skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from sar_dist.checkpoint.format import DTYPES
+from sar_dist.checkpoint.reader import read_tensor
+from sar_dist.checkpoint.writer import ShardWriter
+from sar_dist.merge.base import MergeMethod, TensorContext
+from sar_dist.merge.registry import get_method
+from sar_dist.plan.types import ShardResult, ShardTask, TensorJob
+from sar_dist.storage import Storage
+
+Unit = tuple[TensorJob, tuple[int, int] | None]
+
+
+def _units(task: ShardTask) -> Iterator[Unit]:
+    for job in task.tensors:
+        rows = job.shape[0] if job.shape else 0
+        step = job.chunk_rows or rows
+        if not job.shape or step >= rows:
+            yield job, None
+        else:
+            for r0 in range(0, rows, step):
+                yield job, (r0, min(rows, r0 + step))
+
+
+def _read_unit(storage: Storage, unit: Unit) -> list[torch.Tensor]:
+    job, rows = unit
+    return [read_tensor(storage, ref, rows) for ref in job.sources]
+
+
+def merge_unit(method: MergeMethod, unit: Unit, raw: list[torch.Tensor], seed: int, device: str) -> torch.Tensor:
+    """Merge one unit's inputs (stored dtype, CPU) into the output dtype (CPU).
+
+    Args:
+        method: the registered method.
+        unit: the tensor job and optional row range.
+        raw: its sources as read: base (if any), inputs, then Fisher statistics.
+        seed: job seed (keyed randomness).
+        device: compute device.
+
+    Returns:
+        The merged block, in the job's output dtype, on CPU.
+    """
+    job, rows = unit
+    out_dtype = DTYPES[job.out_dtype][0]
+    if job.params is None:
+        return raw[0].to(out_dtype)
+    compute = DTYPES[job.compute_dtype][0]
+    tensors = [t.to(device=device, dtype=compute) for t in raw]
+    base = tensors.pop(0) if job.base is not None else None
+    n = len(job.inputs)
+    inputs, fisher = tensors[:n], tensors[n:]
+    row_elems = raw[0].numel() // raw[0].shape[0] if raw[0].dim() and raw[0].shape[0] else 0
+    ctx = TensorContext(name=job.name, seed=seed, offset=rows[0] * row_elems if rows else 0)
+    kwargs = {"fisher": fisher} if fisher else {}
+    out = method.fn(inputs, base, job.params, ctx=ctx, **kwargs)
+    assert out.shape == raw[0].shape, (job.name, tuple(out.shape), tuple(raw[0].shape))
+    return out.to(dtype=out_dtype).cpu()
+
+
+def run_shard_task(task: ShardTask, on_tensor: Callable[[TensorJob], None] | None = None) -> ShardResult:
+    """Read, merge and write one output shard; then write its receipt.
+
+    Args:
+        task: the shard task from the plan.
+        on_tensor: called after each finished tensor (local progress).
+
+    Returns:
+        The shard's result (also written as its receipt).
+    """
+    start = time.perf_counter()
+    storage = Storage(task.storage_options)
+    method = get_method(task.method)
+    torch.set_grad_enabled(False)
+    entries = [(j.name, j.out_dtype, j.shape) for j in task.tensors]
+    units = list(_units(task))
+    with ShardWriter(storage, task.url, entries) as writer, ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future | None = pool.submit(_read_unit, storage, units[0]) if units else None
+        for i, unit in enumerate(units):
+            assert pending is not None
+            raw = pending.result()
+            pending = pool.submit(_read_unit, storage, units[i + 1]) if i + 1 < len(units) else None
+            job, rows = unit
+            out = merge_unit(method, unit, raw, task.seed, task.device)
+            del raw
+            writer.write(job.name, out)
+            del out
+            if on_tensor is not None and (rows is None or rows[1] == job.shape[0]):
+                on_tensor(job)
+    result = ShardResult(
+        plan_id=task.plan_id,
+        index=task.index,
+        file_name=task.file_name,
+        bytes=writer.total_bytes,
+        sha256=writer.sha256,
+        tensors=tuple(j.name for j in task.tensors),
+        read_bytes=task.read_bytes,
+        seconds=time.perf_counter() - start,
+    )
+    storage.write_bytes(task.receipt_url, json.dumps(result.to_dict()).encode())
+    return result

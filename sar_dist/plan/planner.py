@@ -1,0 +1,279 @@
+"""``build_plan(job)``: decide every output tensor, shard and task from headers only.
+
+Validates that every input has every tensor with the same shape and dtype, that method
+parameters resolve for every tensor, and that the output does not already hold a
+different merge; raises one ``ValueError`` naming file and tensor. Reads no tensor data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, build_header, order_for_writing
+from sar_dist.checkpoint.index import CheckpointIndex, open_checkpoint, read_json
+from sar_dist.checkpoint.writer import SAFETENSORS_METADATA
+from sar_dist.config import MergeJob
+from sar_dist.merge.base import MergeMethod
+from sar_dist.plan import params as param_resolver
+from sar_dist.plan.types import Plan, ShardTask, TensorJob
+from sar_dist.storage import Storage, display_url, join
+
+MANIFEST_NAME = "sar_merge.json"
+STATE_DIR = ".sar_dist"  # receipts of finished shards live here until commit
+DEFAULT_MEMORY_BUDGET = 2**30
+# interpreter + torch + buffers a task holds besides its tensors (measured ~250 MB RSS)
+TASK_OVERHEAD_BYTES = 300 * 2**20
+COPIED_FILES = ("generation_config.json",)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def unit_bytes(job: TensorJob, rows: int) -> int:
+    """Peak working set for ``rows`` rows of a tensor: read buffers for this and the
+    prefetched next block, compute-dtype copies, method scratch and the output."""
+    row_elems = math.prod(job.shape[1:]) if job.shape else 1
+    csize = DTYPES[job.compute_dtype][1]
+    sources = job.sources
+    stored = sum(r.info.itemsize for r in sources)
+    per_elem = 2 * stored + (2 * len(sources) + 4) * csize + DTYPES[job.out_dtype][1]
+    return rows * row_elems * per_elem
+
+
+def _pick_chunk_rows(job: TensorJob, elementwise: bool, budget: int) -> tuple[int, bool]:
+    """Rows per chunk and whether the tensor fits the budget."""
+    rows = job.shape[0] if job.shape else 1
+    whole = unit_bytes(job, rows)
+    if whole <= budget or rows <= 1:
+        return rows, whole <= budget
+    if not elementwise:
+        return rows, False
+    per_row = unit_bytes(job, 1)
+    fit = max(1, budget // per_row)
+    return int(fit), per_row <= budget
+
+
+def _compare(ref_name: str, ref: CheckpointIndex, other: CheckpointIndex, what: str) -> list[str]:
+    problems = []
+    for name, r in ref.tensors.items():
+        o = other.tensors.get(name)
+        if o is None:
+            problems.append(f"{what} {display_url(other.url)}: missing tensor '{name}' (present in {ref_name})")
+        elif o.info.shape != r.info.shape:
+            problems.append(
+                f"{display_url(o.file)}: tensor '{name}' has shape {list(o.info.shape)}, "
+                f"{ref_name} has {list(r.info.shape)}"
+            )
+        elif o.info.dtype != r.info.dtype:
+            problems.append(
+                f"{display_url(o.file)}: tensor '{name}' is {o.info.dtype}, {ref_name} has {r.info.dtype}"
+            )
+    for name in other.tensors:
+        if name not in ref.tensors:
+            problems.append(f"{display_url(other.tensors[name].file)}: extra tensor '{name}' not in {ref_name}")
+    return problems
+
+
+def _raise_all(problems: list[str]) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ValueError(problems[0] + more)
+
+
+def build_plan(
+    job: MergeJob,
+    *,
+    device: str = "cpu",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    storage: Storage | None = None,
+) -> Plan:
+    """Plan a merge from headers only.
+
+    Args:
+        job: the validated config.
+        device: where tasks compute (``cpu`` or ``cuda``).
+        memory_budget: bytes one task may hold for tensors; larger tensors of
+            elementwise methods are processed in row chunks.
+        storage: storage to read headers with (default: from ``job.storage_options``).
+
+    Returns:
+        The plan.
+
+    Raises:
+        ValueError: any input problem, naming file and tensor.
+    """
+    storage = storage or Storage(job.storage_options)
+    method: MergeMethod = job.method
+    base_url = job.base_model
+    if method.needs_base:
+        input_refs = [m for m in job.models if m.model != base_url]
+    else:
+        input_refs = list(job.models)
+    input_urls = [m.model for m in input_refs]
+    urls = ([base_url] if base_url and method.needs_base else []) + input_urls
+
+    with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
+        futures = {
+            u: pool.submit(open_checkpoint, storage, u, what="base model" if u == base_url else "model")
+            for u in dict.fromkeys(urls)
+        }
+        indexes = {u: f.result() for u, f in futures.items()}
+        fisher_indexes: list[CheckpointIndex] = []
+        if method.needs_fisher:
+            fisher_futures = [
+                pool.submit(open_checkpoint, storage, m.fisher, stem="fisher", what="fisher statistics")
+                for m in input_refs
+            ]
+            fisher_indexes = [f.result() for f in fisher_futures]
+
+    ref_url = base_url if method.needs_base else input_urls[0]
+    ref = indexes[ref_url]
+    ref_name = "the base model" if method.needs_base else "the first model"
+    problems: list[str] = []
+    for u in input_urls:
+        if u != ref_url:
+            problems += _compare(ref_name, ref, indexes[u], "model")
+    for m, fi in zip(input_refs, fisher_indexes):
+        for name, r in ref.tensors.items():
+            f = fi.tensors.get(name)
+            if f is None:
+                problems.append(f"fisher statistics {display_url(fi.url)}: missing tensor '{name}' of model {display_url(m.model)}")
+            elif f.info.shape != r.info.shape:
+                problems.append(f"{display_url(f.file)}: tensor '{name}' has shape {list(f.info.shape)}, model {display_url(m.model)} has {list(r.info.shape)}")
+    _raise_all(problems)
+
+    base_dir = base_url if base_url is not None else input_urls[0]
+    config_json = read_json(storage, join(base_dir, "config.json"))
+    num_layers = int((config_json or {}).get("num_hidden_layers", 0)) or (
+        1 + max((param_resolver.layer_index(n) or 0 for n in ref.tensors), default=0)
+    )
+    compute = DTYPE_NAMES[job.dtype] if job.dtype else "F32"
+    out_override = DTYPE_NAMES[job.out_dtype] if job.out_dtype else (DTYPE_NAMES[job.dtype] if job.dtype else None)
+
+    jobs: list[TensorJob] = []
+    warnings: list[str] = []
+    per_model_params = [m.parameters for m in input_refs]
+    for name, r in ref.tensors.items():
+        base_ref = indexes[base_url].tensors[name] if method.needs_base else None
+        inputs = tuple(indexes[u].tensors[name] for u in input_urls)
+        if r.info.dtype not in FLOAT_DTYPES:
+            tj = TensorJob(name=name, shape=r.info.shape, out_dtype=r.info.dtype, compute_dtype=r.info.dtype,
+                           base=None, inputs=(), copy_from=r)
+            warnings.append(f"tensor '{name}' is {r.info.dtype} (not floating point): copied from {ref_name}")
+        else:
+            t = param_resolver.layer_position(name, num_layers)
+            params = param_resolver.resolve(method, name, t, job.parameters, per_model_params)
+            tj = TensorJob(
+                name=name,
+                shape=r.info.shape,
+                out_dtype=out_override or r.info.dtype,
+                compute_dtype=compute,
+                base=base_ref,
+                inputs=inputs,
+                fisher=tuple(fi.tensors[name] for fi in fisher_indexes),
+                params=params,
+            )
+        elementwise = tj.params is None or method.elementwise(tj.params)
+        rows, fits = _pick_chunk_rows(tj, elementwise, memory_budget)
+        if not fits:
+            need = unit_bytes(tj, rows if elementwise else (tj.shape[0] if tj.shape else 1))
+            warnings.append(
+                f"tensor '{name}' needs ~{need / 2**20:.0f} MiB, over the memory budget of "
+                f"{memory_budget / 2**20:.0f} MiB ({'one row' if elementwise else 'processed whole: ' + method.name + ' needs whole-tensor statistics'})"
+            )
+        jobs.append(dataclasses.replace(tj, chunk_rows=rows))
+
+    shards = _assign_shards(jobs, job.max_shard_bytes)
+    layout = [[(j.name, j.out_dtype, j.shape) for j in s] for s in shards]
+    inputs_fp = {u: idx.fingerprint() for u, idx in indexes.items()}
+    inputs_fp.update({m.fisher: fi.fingerprint() for m, fi in zip(input_refs, fisher_indexes)})
+    resolved = job.to_dict()
+    identity = {k: v for k, v in resolved.items() if k not in ("output", "storage_options")}
+    plan_id = hashlib.sha256(
+        json.dumps({"job": identity, "inputs": inputs_fp, "device": device, "layout": layout},
+                   sort_keys=True, default=str).encode()
+    ).hexdigest()
+
+    n = len(shards)
+    tasks = []
+    for i, shard_jobs in enumerate(shards):
+        file_name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        peak = max((unit_bytes(j, j.chunk_rows or 1) for j in shard_jobs), default=0)
+        tasks.append(
+            ShardTask(
+                index=i,
+                file_name=file_name,
+                url=join(job.output, file_name),
+                receipt_url=join(job.output, STATE_DIR, f"{file_name}.json"),
+                plan_id=plan_id,
+                method=method.name,
+                tensors=tuple(shard_jobs),
+                seed=job.seed,
+                device=device,
+                storage_options=job.storage_options,
+                read_bytes=sum(j.read_bytes for j in shard_jobs),
+                out_bytes=len(build_header(layout[i], SAFETENSORS_METADATA)[0]) + sum(j.out_bytes for j in shard_jobs),
+                estimated_bytes=TASK_OVERHEAD_BYTES + peak,
+            )
+        )
+
+    if config_json is not None:
+        config_json = dict(config_json)
+        out_names = {j.out_dtype for j in jobs if j.copy_from is None}
+        if len(out_names) == 1:
+            torch_name = {v: k for k, v in DTYPE_NAMES.items() if k in ("float32", "float16", "bfloat16", "float64")}
+            dtype_name = torch_name.get(out_names.pop())
+            if dtype_name:
+                config_json["torch_dtype"] = dtype_name
+                if "dtype" in config_json:
+                    config_json["dtype"] = dtype_name
+    copy_files = [(join(base_dir, f), f) for f in COPIED_FILES if storage.exists(join(base_dir, f))]
+    if job.tokenizer_source is not None:
+        tok_dir = base_dir if job.tokenizer_source == "base" else job.tokenizer_source
+        found = [(join(tok_dir, f), f) for f in TOKENIZER_FILES if storage.exists(join(tok_dir, f))]
+        if not found:
+            raise ValueError(f"tokenizer_source {display_url(tok_dir)}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+        copy_files += found
+
+    return Plan(
+        plan_id=plan_id,
+        output=job.output,
+        tasks=tuple(tasks),
+        job=resolved,
+        inputs=inputs_fp,
+        config_json=config_json,
+        copy_files=tuple(copy_files),
+        memory_budget=memory_budget,
+        warnings=tuple(warnings),
+    )
+
+
+def _assign_shards(jobs: list[TensorJob], max_shard_bytes: int) -> list[list[TensorJob]]:
+    """Greedy packing in checkpoint order; each shard then in safetensors write order."""
+    shards: list[list[TensorJob]] = []
+    current: list[TensorJob] = []
+    size = 0
+    for j in jobs:
+        if current and size + j.out_bytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(j)
+        size += j.out_bytes
+    if current:
+        shards.append(current)
+    ordered = []
+    for s in shards:
+        by_name = {j.name: j for j in s}
+        ordered.append([by_name[name] for name, _, _ in order_for_writing([(j.name, j.out_dtype, j.shape) for j in s])])
+    return ordered

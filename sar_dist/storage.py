@@ -1,0 +1,278 @@
+"""The only module that touches paths and URLs.
+
+Local paths (``/x``, ``./x``, ``file:///x``) use ``os`` directly (pread, atomic rename);
+anything else goes through fsspec, imported lazily, with range reads
+(``cat_file(path, start, end)``) and streamed writes that become visible only when
+complete (local: temp file + ``os.replace``; object stores: a (multipart) upload that
+is completed on commit and aborted on error).
+
+``Storage`` is a small picklable object carrying the user's ``storage_options``; it is
+shipped inside each task so workers open their own filesystem clients.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, BinaryIO
+
+
+# fsspec protocols whose files honour autocommit=False (commit/discard), so an upload
+# is invisible until committed; others get a temporary name and a move
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az", "oss"})
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file://`` URLs."""
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def join(url: str, *parts: str) -> str:
+    """Join a base URL and relative names, refusing names that escape the base.
+
+    Args:
+        url: a directory URL or path.
+        *parts: relative names (e.g. a shard file name from an index).
+
+    Returns:
+        The joined URL.
+
+    Raises:
+        ValueError: if a part is absolute, empty, or contains ``..`` or a backslash.
+    """
+    for part in parts:
+        segments = part.split("/")
+        if (
+            not part
+            or part.startswith("/")
+            or "\\" in part
+            or "\x00" in part
+            or any(s in ("", ".", "..") for s in segments)
+        ):
+            raise ValueError(f"unsafe relative name {part!r} under {url}")
+    if is_local(url):
+        return os.path.join(url, *parts)
+    return posixpath.join(url.rstrip("/"), *parts)
+
+
+def display_url(url: str) -> str:
+    """The URL as shown in messages (strips any ``user:password@`` part)."""
+    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = url.split("://", 1)
+        host_and_path = rest.split("@", 1)[1]
+        return f"{scheme}://{host_and_path}"
+    return url
+
+
+class Storage:
+    """Reads and writes URLs with one set of fsspec ``storage_options``.
+
+    Args:
+        options: passed to ``fsspec.filesystem(protocol, **options)`` for remote URLs.
+    """
+
+    def __init__(self, options: Mapping[str, Any] | None = None):
+        self.options: dict[str, Any] = dict(options or {})
+        self._fs: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"options": self.options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.options = state["options"]
+        self._fs = {}
+
+    def _remote(self, url: str) -> tuple[Any, str]:
+        import fsspec  # lazy: local runs never import it
+
+        protocol = url.split("://", 1)[0]
+        fs = self._fs.get(protocol)
+        if fs is None:
+            fs = fsspec.filesystem(protocol, **self.options)
+            self._fs[protocol] = fs
+        return fs, fs._strip_protocol(url)
+
+    # --- reading ---------------------------------------------------------------
+    def exists(self, url: str) -> bool:
+        """Whether a file exists at ``url``."""
+        if is_local(url):
+            return os.path.isfile(_local_path(url))
+        fs, path = self._remote(url)
+        return fs.isfile(path)
+
+    def isdir(self, url: str) -> bool:
+        """Whether ``url`` is a directory (or a prefix holding objects)."""
+        if is_local(url):
+            return os.path.isdir(_local_path(url))
+        fs, path = self._remote(url)
+        return fs.isdir(path)
+
+    def size(self, url: str) -> int:
+        """Size in bytes of the file at ``url``."""
+        if is_local(url):
+            return os.path.getsize(_local_path(url))
+        fs, path = self._remote(url)
+        return int(fs.size(path))
+
+    def listdir(self, url: str) -> list[str]:
+        """Names (not URLs) of the entries directly under ``url``; [] if it is absent."""
+        if is_local(url):
+            path = _local_path(url)
+            return sorted(os.listdir(path)) if os.path.isdir(path) else []
+        fs, path = self._remote(url)
+        if not fs.isdir(path):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+    def read_range(self, url: str, start: int, end: int) -> bytearray:
+        """Bytes ``[start, end)`` of a file, with one request (remote) or pread (local).
+
+        Raises:
+            EOFError: if the file is shorter than ``end``.
+        """
+        length = end - start
+        buf = bytearray(length)
+        if length == 0:
+            return buf
+        if is_local(url):
+            with open(_local_path(url), "rb", buffering=0) as f:
+                self._readinto_at(f, memoryview(buf), start)
+            return buf
+        fs, path = self._remote(url)
+        data = fs.cat_file(path, start=start, end=end)
+        if len(data) != length:
+            raise EOFError(
+                f"{display_url(url)}: wanted bytes [{start}, {end}), got {len(data)}"
+            )
+        buf[:] = data
+        return buf
+
+    def read_into(self, url: str, start: int, out: memoryview) -> None:
+        """Fill ``out`` with the file's bytes from ``start`` (no intermediate copy locally)."""
+        if is_local(url):
+            with open(_local_path(url), "rb", buffering=0) as f:
+                self._readinto_at(f, out, start)
+            return
+        out[:] = self.read_range(url, start, start + len(out))
+
+    @staticmethod
+    def _readinto_at(f: BinaryIO, out: memoryview, start: int) -> None:
+        fd = f.fileno()
+        done = 0
+        while done < len(out):
+            n = os.preadv(fd, [out[done:]], start + done)
+            if n == 0:
+                raise EOFError(
+                    f"{f.name}: wanted {len(out)} bytes at offset {start}, file ends early"
+                )
+            done += n
+
+    def read_bytes(self, url: str) -> bytes:
+        """A whole (small) file: configs, index JSON, manifests."""
+        if is_local(url):
+            with open(_local_path(url), "rb") as f:
+                return f.read()
+        fs, path = self._remote(url)
+        return fs.cat_file(path)
+
+    # --- writing ---------------------------------------------------------------
+    def write_bytes(self, url: str, data: bytes) -> None:
+        """Write a small file so that it appears complete or not at all."""
+        with self.open_write(url) as f:
+            f.write(data)
+
+    @contextmanager
+    def open_write(self, url: str) -> Iterator[BinaryIO]:
+        """Stream a file that becomes visible at ``url`` only if the block exits cleanly.
+
+        Local: a temp file in the same directory, fsynced, then ``os.replace``.
+        Remote: fsspec's buffered writer (a multipart upload on object stores), committed
+        on close and discarded (multipart aborted) on error.
+        """
+        if is_local(url):
+            path = _local_path(url)
+            directory = os.path.dirname(path) or "."
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            return
+        fs, path = self._remote(url)
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        if url.split("://", 1)[0] in OBJECT_STORES:
+            # parts upload as we go; the object appears on commit() (multipart
+            # complete) and discard() aborts the upload
+            f = fs.open(path, "wb", autocommit=False)
+            try:
+                yield f
+                f.close()
+            except BaseException:
+                f.discard()
+                raise
+            f.commit()
+            return
+        # filesystems without transactional files (memory://, ...): write a hidden
+        # temporary name, then move it into place
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{unique_suffix()}.partial")
+        try:
+            with fs.open(tmp, "wb") as g:
+                yield g
+            fs.mv(tmp, path)
+        except BaseException:
+            if fs.exists(tmp):
+                fs.rm_file(tmp)
+            raise
+
+    def remove(self, url: str) -> None:
+        """Delete a file if it exists."""
+        if is_local(url):
+            try:
+                os.unlink(_local_path(url))
+            except FileNotFoundError:
+                pass
+            return
+        fs, path = self._remote(url)
+        if fs.exists(path):
+            fs.rm_file(path)
+
+    def remove_tree(self, url: str) -> None:
+        """Delete a directory and everything under it, if present."""
+        if is_local(url):
+            import shutil
+
+            shutil.rmtree(_local_path(url), ignore_errors=True)
+            return
+        fs, path = self._remote(url)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    def makedirs(self, url: str) -> None:
+        """Create a directory (a no-op on object stores, which have none)."""
+        if is_local(url):
+            os.makedirs(_local_path(url), exist_ok=True)
+            return
+        fs, path = self._remote(url)
+        fs.makedirs(path, exist_ok=True)
+
+
+def unique_suffix() -> str:
+    """A short random suffix for temporary names."""
+    return uuid.uuid4().hex[:12]
