@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sar_dist.checkpoint.format import DTYPE_NAMES
-from sar_dist.merge.base import MergeMethod
+from sar_dist.merge.base import REQUIRED, MergeMethod
 from sar_dist.merge.registry import get_method
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
@@ -157,6 +157,7 @@ class MergeJob:
         for i, m in enumerate(models):
             _check_params(method, m.parameters, per_model=True, where=f"{where}: models[{i}].parameters")
 
+        _check_required(method, params, [m for m in models if not (method.needs_base and m.model == base)], where)
         if method.needs_base and base is None:
             raise ValueError(f"{where}: merge_method '{method.name}' needs 'base_model'")
         num_inputs = len([m for m in models if m.model != base]) if method.needs_base else len(models)
@@ -280,6 +281,21 @@ def _check_params(method: MergeMethod, params: Mapping[str, Any], *, per_model: 
         if per_model and not f.metadata["per_model"]:
             raise ValueError(f"{where}: '{name}' is a method-wide parameter of '{method.name}'; set it under top-level 'parameters'")
         _check_value(value, f"{where}.{name}")
+
+
+def _check_required(method: MergeMethod, params: Mapping[str, Any], inputs: list[ModelRef], where: str) -> None:
+    for f in method.param_fields():
+        key = f.metadata["yaml"]
+        if f.metadata["default"] is not REQUIRED or key in params:
+            continue
+        if not f.metadata["per_model"]:
+            raise ValueError(f"{where}: merge_method '{method.name}' needs parameter '{key}' under 'parameters'")
+        for m in inputs:
+            if key not in m.parameters:
+                raise ValueError(
+                    f"{where}: merge_method '{method.name}' needs parameter '{key}' for model {m.model} "
+                    f"(set it in the model's parameters or the top-level parameters)"
+                )
 
 
 def _check_value(value: Any, where: str) -> None:
