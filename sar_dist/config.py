@@ -114,6 +114,16 @@ class MergeJob:
     def method(self) -> MergeMethod:
         return get_method(self.merge_method)
 
+    def input_models(self) -> list[ModelRef]:
+        """The models the method combines, in order.
+
+        For methods with a base, every listed model but the base (mergekit lets users list
+        the base among ``models``). For methods without one (``linear``), every listed model
+        and, as in mergekit, the ``base_model`` too when it is not listed: it is then just
+        another input, weighted by the top-level parameters.
+        """
+        return _input_models(self.method, self.models, self.base_model)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "config", **overrides: Any) -> MergeJob:
         """Validate a config mapping (parsed YAML).
@@ -157,10 +167,11 @@ class MergeJob:
         for i, m in enumerate(models):
             _check_params(method, m.parameters, per_model=True, where=f"{where}: models[{i}].parameters")
 
-        _check_required(method, params, [m for m in models if not (method.needs_base and m.model == base)], where)
+        inputs = _input_models(method, models, base)
+        _check_required(method, params, inputs, where)
         if method.needs_base and base is None:
             raise ValueError(f"{where}: merge_method '{method.name}' needs 'base_model'")
-        num_inputs = len([m for m in models if m.model != base]) if method.needs_base else len(models)
+        num_inputs = len(inputs)
         if num_inputs < method.min_models or (method.max_models is not None and num_inputs > method.max_models):
             want = (f"exactly {method.min_models}" if method.min_models == method.max_models
                     else f"at least {method.min_models}")
@@ -222,6 +233,14 @@ class MergeJob:
             "out_shard_size": self.max_shard_bytes,
         }
         return out
+
+
+def _input_models(method: MergeMethod, models: tuple[ModelRef, ...], base: str | None) -> list[ModelRef]:
+    if method.needs_base:
+        return [m for m in models if m.model != base]
+    if base is not None and all(m.model != base for m in models):
+        return [ModelRef(model=base), *models]
+    return list(models)
 
 
 def _opt_url(value: Any, where: str) -> str | None:

@@ -89,7 +89,7 @@ def _break(kind: str, tmp_path: Path, models: dict[str, str]) -> tuple[str, str]
     if kind == "bad_yaml":
         return write_config(tmp_path / "c.yaml", "merge_method: [\n"), "invalid YAML"
     if kind == "missing_model":
-        return write_config(tmp_path / "c.yaml", f"merge_method: task_arithmetic\nbase_model: {models['base']}\nmodels: [{{model: {tmp_path / 'nope'}}}]\noutput: {out}\n"), "nope: no such directory"
+        return write_config(tmp_path / "c.yaml", f"merge_method: task_arithmetic\nbase_model: {models['base']}\nmodels: [{{model: {tmp_path / 'nope'}}}]\nparameters: {{weight: 1.0}}\noutput: {out}\n"), "nope: no such directory"
     if kind == "secret":
         return _ta_config(tmp_path, models, out, extra="storage_options: {secret: abc}\n"), "looks like a credential"
     raise AssertionError(kind)

@@ -116,10 +116,7 @@ def build_plan(
     storage = storage or Storage(job.storage_options)
     method: MergeMethod = job.method
     base_url = job.base_model
-    if method.needs_base:
-        input_refs = [m for m in job.models if m.model != base_url]
-    else:
-        input_refs = list(job.models)
+    input_refs = job.input_models()
     input_urls = [m.model for m in input_refs]
     urls = ([base_url] if base_url and method.needs_base else []) + input_urls
 

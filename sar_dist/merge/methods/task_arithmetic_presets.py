@@ -1,0 +1,190 @@
+"""Presets of :func:`generalized_task_arithmetic` (``ties`` lives beside it): DARE, Model Breadcrumbs, DELLA.
+
+Each preset fixes the sparsifier and whether signs are elected, and has its own parameter class so
+its defaults (``normalize``, ``rescale``, ``gamma``, ``epsilon``) match mergekit 0.1.5's table in
+``/work/shared/METHODS.md``. Sparsification runs on each ``d_i = x_i - base`` before the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from sar_dist.merge import ops
+from sar_dist.merge.base import TensorContext, method_param, per_model
+from sar_dist.merge.methods.task_arithmetic import TaskArithmeticParams, generalized_task_arithmetic
+
+DARE_URL = "https://arxiv.org/abs/2311.03099"
+BREADCRUMBS_URL = "https://arxiv.org/abs/2312.06795"
+DELLA_URL = "https://arxiv.org/abs/2406.11617"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DareLinearParams(TaskArithmeticParams):
+    """``task_arithmetic``'s parameters with ``rescale`` on by default."""
+
+    rescale: bool = method_param("rescale", True)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DareTiesParams(DareLinearParams):
+    """Same fields and defaults as ``dare_linear``."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BreadcrumbsParams(TaskArithmeticParams):
+    """Adds per-model ``gamma`` (fraction of largest-magnitude outliers dropped, default 0.01)."""
+
+    gammas: tuple[float, ...] = per_model("gamma", 0.01)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BreadcrumbsTiesParams(BreadcrumbsParams):
+    """Same fields and defaults as ``breadcrumbs``."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DellaLinearParams(TaskArithmeticParams):
+    """Adds per-model ``epsilon`` (keep-probability half-width, default 0.15); ``rescale`` on."""
+
+    rescale: bool = method_param("rescale", True)
+    epsilons: tuple[float, ...] = per_model("epsilon", 0.15)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DellaParams(DellaLinearParams):
+    """As ``della_linear`` with ``normalize`` on by default."""
+
+    normalize: bool = method_param("normalize", True)
+
+
+def _dare(tensors: Sequence[Tensor], base: Tensor, p: DareLinearParams, ctx: TensorContext, elect: bool) -> Tensor:
+    def sparsify(d: Tensor, i: int) -> Tensor:
+        return ops.random_sparsify(d, p.densities[i], p.rescale, ctx=ctx, model_index=i)
+
+    return generalized_task_arithmetic(tensors, base, p, sparsify=sparsify, elect=elect)
+
+
+def dare_linear(tensors: Sequence[Tensor], base: Tensor, p: DareLinearParams, *, ctx: TensorContext) -> Tensor:
+    """DARE with a linear sum (arXiv 2311.03099, https://arxiv.org/abs/2311.03099).
+
+    Keep each entry of ``d_i`` with probability ``k_i`` (keyed by seed, tensor, model, block), L1-rescale,
+    then ``base + lambda * sum_i w_i d_i`` (divided by ``sum_i w_i`` if ``normalize``).
+
+    Args:
+        tensors: the non-base inputs.
+        base: the base model's tensor.
+        p: resolved parameters.
+        ctx: tensor identity and seed, key the random masks.
+
+    Returns:
+        The merged tensor, in ``base``'s dtype.
+    """
+    return _dare(tensors, base, p, ctx, elect=False)
+
+
+def dare_ties(tensors: Sequence[Tensor], base: Tensor, p: DareTiesParams, *, ctx: TensorContext) -> Tensor:
+    """DARE drops with TIES sign election (arXiv 2311.03099, https://arxiv.org/abs/2311.03099).
+
+    As ``dare_linear``, then ``mask_i = sign(w_i d_i) == sign(sum_j w_j d_j)`` before summing.
+
+    Args:
+        tensors: the non-base inputs.
+        base: the base model's tensor.
+        p: resolved parameters.
+        ctx: tensor identity and seed, key the random masks.
+
+    Returns:
+        The merged tensor, in ``base``'s dtype.
+    """
+    return _dare(tensors, base, p, ctx, elect=True)
+
+
+def _breadcrumbs(tensors: Sequence[Tensor], base: Tensor, p: BreadcrumbsParams, elect: bool) -> Tensor:
+    def sparsify(d: Tensor, i: int) -> Tensor:
+        return ops.magnitude_outliers_sparsify(d, p.densities[i], p.gammas[i], p.rescale)
+
+    return generalized_task_arithmetic(tensors, base, p, sparsify=sparsify, elect=elect)
+
+
+def breadcrumbs(tensors: Sequence[Tensor], base: Tensor, p: BreadcrumbsParams, *, ctx: TensorContext) -> Tensor:
+    """Model Breadcrumbs (arXiv 2312.06795, https://arxiv.org/abs/2312.06795).
+
+    In each ``d_i`` drop the ``int(gamma_i * numel)`` largest and the smallest magnitudes, keeping
+    ``int(k_i * numel)``; then ``base + lambda * sum_i w_i d_i``.
+
+    Args:
+        tensors: the non-base inputs.
+        base: the base model's tensor.
+        p: resolved parameters.
+        ctx: tensor identity (unused: deterministic).
+
+    Returns:
+        The merged tensor, in ``base``'s dtype.
+    """
+    return _breadcrumbs(tensors, base, p, elect=False)
+
+
+def breadcrumbs_ties(
+    tensors: Sequence[Tensor], base: Tensor, p: BreadcrumbsTiesParams, *, ctx: TensorContext
+) -> Tensor:
+    """Model Breadcrumbs with TIES sign election (arXiv 2312.06795, https://arxiv.org/abs/2312.06795).
+
+    Args:
+        tensors: the non-base inputs.
+        base: the base model's tensor.
+        p: resolved parameters.
+        ctx: tensor identity (unused: deterministic).
+
+    Returns:
+        The merged tensor, in ``base``'s dtype.
+    """
+    return _breadcrumbs(tensors, base, p, elect=True)
+
+
+def _della(tensors: Sequence[Tensor], base: Tensor, p: DellaLinearParams, ctx: TensorContext, elect: bool) -> Tensor:
+    def sparsify(d: Tensor, i: int) -> Tensor:
+        return ops.della_sparsify(d, p.densities[i], p.epsilons[i], p.rescale, ctx=ctx, model_index=i)
+
+    return generalized_task_arithmetic(tensors, base, p, sparsify=sparsify, elect=elect)
+
+
+def della(tensors: Sequence[Tensor], base: Tensor, p: DellaParams, *, ctx: TensorContext) -> Tensor:
+    """DELLA-Merging (arXiv 2406.11617, https://arxiv.org/abs/2406.11617).
+
+    MagPrune each ``d_i``: keep with ``p = k_i - eps_i + 2 eps_i r`` (``r`` = normalized magnitude rank
+    in its row), L1-rescale, elect signs, then as ``ties``.
+
+    Args:
+        tensors: the non-base inputs.
+        base: the base model's tensor.
+        p: resolved parameters.
+        ctx: tensor identity and seed, key the random masks.
+
+    Returns:
+        The merged tensor, in ``base``'s dtype.
+
+    Raises:
+        ValueError: unless ``0 < k_i - eps_i`` and ``k_i + eps_i < 1`` (for ``0 < k_i < 1``).
+    """
+    return _della(tensors, base, p, ctx, elect=True)
+
+
+def della_linear(tensors: Sequence[Tensor], base: Tensor, p: DellaLinearParams, *, ctx: TensorContext) -> Tensor:
+    """DELLA MagPrune with a linear sum (arXiv 2406.11617, https://arxiv.org/abs/2406.11617).
+
+    Args:
+        tensors: the non-base inputs.
+        base: the base model's tensor.
+        p: resolved parameters.
+        ctx: tensor identity and seed, key the random masks.
+
+    Returns:
+        The merged tensor, in ``base``'s dtype.
+
+    Raises:
+        ValueError: unless ``0 < k_i - eps_i`` and ``k_i + eps_i < 1`` (for ``0 < k_i < 1``).
+    """
+    return _della(tensors, base, p, ctx, elect=False)

@@ -1,0 +1,335 @@
+"""Shared kernels of the merge methods: keyed randomness, exact top-k masks, sparsifiers, sign election.
+
+Everything here is a pure tensor function: no I/O, no global RNG, no device moves except that keyed
+random numbers are generated on the CPU (so every device sees the same stream) and then moved.
+
+Sparsifier semantics follow mergekit 0.1.5's ``sparsify.py`` (see ``/work/shared/METHODS.md``); the
+implementations are our own: magnitude selection uses a radix select on the float bits instead of a
+full argsort, and ties at the threshold are broken by flattened index (lowest first), so results are
+deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor
+
+from sar_dist.merge.base import TensorContext
+
+BLOCK_NUMEL = 2**20
+"""Elements per keyed random block; part of the stream definition, never change it."""
+
+_CHUNK_NUMEL = 2**20  # working-set size of the chunked passes in topk_magnitude_mask
+_RADIX_BITS = 16
+_RESCALE_EPS = 1e-7  # mergekit's floor on both L1 norms before rescaling
+
+# Integer views of float dtypes, and the mask that drops the sign bit (|x| as ordered integer bits).
+_INT_VIEW: dict[torch.dtype, tuple[torch.dtype, int]] = {
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.bfloat16: (torch.int16, 0x7FFF),
+    torch.float32: (torch.int32, 0x7FFF_FFFF),
+    torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF),
+}
+
+
+# --------------------------------------------------------------------------- keyed randomness
+
+
+def block_seed(ctx: TensorContext, model_index: int, block_index: int) -> int:
+    """The 63-bit generator seed of one random block.
+
+    Args:
+        ctx: tensor name and job seed.
+        model_index: index of the non-base model (config order).
+        block_index: index of the ``BLOCK_NUMEL``-element block in the flattened tensor.
+
+    Returns:
+        A non-negative integer below 2**63, from blake2b over the four keys.
+    """
+    payload = f"{ctx.seed}\x00{ctx.name}\x00{model_index}\x00{block_index}".encode()
+    digest = hashlib.blake2b(payload, digest_size=8, person=b"sar-dist-unif").digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def keyed_uniform_range(
+    ctx: TensorContext, model_index: int, start: int, stop: int, device: torch.device | str | None = None
+) -> Tensor:
+    """Elements ``[start, stop)`` of the keyed uniform stream of one (tensor, model).
+
+    Block ``b`` holds the first values of ``torch.rand`` from a CPU generator seeded with
+    ``block_seed(ctx, model_index, b)``; only the blocks the range overlaps are generated, so a
+    row-chunked caller gets exactly the values of :func:`keyed_uniform`.
+
+    Args:
+        ctx: tensor name and job seed.
+        model_index: index of the non-base model (config order).
+        start: first flattened element index (>= 0).
+        stop: one past the last index (>= start).
+        device: where to put the result (generated on the CPU first); None keeps the CPU.
+
+    Returns:
+        A 1-D float32 tensor of ``stop - start`` values in [0, 1).
+
+    Raises:
+        ValueError: if the range is invalid.
+    """
+    if not 0 <= start <= stop:
+        raise ValueError(f"invalid random range [{start}, {stop}) for tensor {ctx.name!r}")
+    out = torch.empty(stop - start, dtype=torch.float32)
+    pos = start
+    while pos < stop:
+        block, offset = divmod(pos, BLOCK_NUMEL)
+        # Prefixes of one generator's torch.rand stream are stable, so generating only up to the
+        # needed offset within a block gives the same values as generating the whole block.
+        end = min(stop - block * BLOCK_NUMEL, BLOCK_NUMEL)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(block_seed(ctx, model_index, block))
+        out[pos - start : pos - start + end - offset] = torch.rand(end, generator=gen)[offset:]
+        pos = block * BLOCK_NUMEL + end
+    return out if device is None else out.to(device)
+
+
+def keyed_uniform(ctx: TensorContext, model_index: int, numel: int, device: torch.device | str | None = None) -> Tensor:
+    """The keyed uniform stream of one (tensor, model) for the ``numel`` elements starting at ``ctx.offset``.
+
+    ``ctx.offset`` is 0 for a whole tensor and the flattened index of the first element when an
+    executor passes a block of rows, so a chunked run draws exactly the whole-tensor values.
+
+    Args:
+        ctx: tensor name and job seed.
+        model_index: index of the non-base model (config order).
+        numel: number of values.
+        device: where to put the result; None keeps the CPU.
+
+    Returns:
+        A 1-D float32 tensor of ``numel`` values in [0, 1), identical across runs and processes.
+    """
+    return keyed_uniform_range(ctx, model_index, ctx.offset, ctx.offset + numel, device)
+
+
+# --------------------------------------------------------------------------- exact top-k by magnitude
+
+
+def _magnitude_bits(chunk: Tensor, sign_mask: int, int_dtype: torch.dtype) -> Tensor:
+    # For IEEE floats, |x| orders like its bit pattern read as an integer (NaN above inf, as in sort).
+    return chunk.view(int_dtype).long() & sign_mask
+
+
+def topk_magnitude_mask(x: Tensor, num_keep: int) -> Tensor:
+    """Mask of exactly ``num_keep`` entries of ``x`` with the largest magnitude.
+
+    The ``num_keep``-th largest ``|x|`` is found by a radix select on the float bits (16 bits per
+    pass over 2**20-element chunks; no sort, no full-size index tensor). Entries strictly above it
+    are kept, then the first entries equal to it in flattened order until ``num_keep`` are kept.
+
+    Args:
+        x: a floating-point tensor (fp16, bf16, fp32 or fp64), any shape, any device.
+        num_keep: how many entries to keep; <= 0 keeps none, >= numel keeps all.
+
+    Returns:
+        A bool tensor of ``x``'s shape with exactly ``clamp(num_keep, 0, numel)`` True entries.
+    """
+    numel = x.numel()
+    if num_keep <= 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    if num_keep >= numel:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    int_dtype, sign_mask = _INT_VIEW[x.dtype]
+    total_bits = torch.finfo(x.dtype).bits
+    chunks = x.detach().reshape(-1).split(_CHUNK_NUMEL)
+
+    # Radix select: fix the threshold's bits 16 at a time, from the top, counting from the largest.
+    prefix, remaining = 0, num_keep  # remaining: rank of the threshold among entries with this prefix
+    for shift in range(total_bits - _RADIX_BITS, -1, -_RADIX_BITS):
+        hist = torch.zeros(2**_RADIX_BITS, dtype=torch.long, device=x.device)
+        for chunk in chunks:
+            bits = _magnitude_bits(chunk, sign_mask, int_dtype)
+            if shift + _RADIX_BITS < total_bits:
+                bits = bits[(bits >> (shift + _RADIX_BITS)) == prefix]
+            hist += torch.bincount((bits >> shift) & (2**_RADIX_BITS - 1), minlength=2**_RADIX_BITS)
+        from_top = hist.flip(0).cumsum(0)
+        j = int(torch.searchsorted(from_top, remaining).item())  # first bucket reaching the rank
+        remaining -= int(from_top[j - 1].item()) if j > 0 else 0
+        prefix = (prefix << _RADIX_BITS) | (2**_RADIX_BITS - 1 - j)
+
+    # prefix is now the threshold's bits; `remaining` entries equal to it must be kept.
+    mask = torch.empty(numel, dtype=torch.bool, device=x.device)
+    pos = 0
+    for chunk in chunks:
+        bits = _magnitude_bits(chunk, sign_mask, int_dtype)
+        out = mask[pos : pos + chunk.numel()]
+        torch.gt(bits, prefix, out=out)
+        if remaining > 0:
+            equal = bits == prefix
+            num_equal = int(equal.sum().item())
+            if num_equal > remaining:  # deterministic tie-break: lowest flattened index first
+                cut = int(equal.nonzero()[remaining - 1, 0].item()) + 1
+                equal[cut:] = False
+                num_equal = remaining
+            out |= equal
+            remaining -= num_equal
+        pos += chunk.numel()
+    return mask.view(x.shape)
+
+
+# --------------------------------------------------------------------------- sparsifiers
+
+
+def masked_rescale(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
+    """Apply a keep-mask, optionally matching the L1 norm of the unmasked tensor.
+
+    Computed in ``delta``'s dtype, as mergekit does: ``masked * (||delta||_1 / ||masked||_1)``,
+    skipped when either norm is below 1e-7.
+
+    Args:
+        delta: the task vector.
+        mask: bool (or 0/1) keep-mask of the same shape.
+        rescale: whether to rescale.
+
+    Returns:
+        The masked (and rescaled) tensor, in ``delta``'s dtype.
+    """
+    # Multiplying (not masked_fill) gives the same bits as mergekit's float-mask product.
+    masked = delta * mask
+    if not rescale:
+        return masked
+    before = delta.abs().sum()
+    after = masked.abs().sum()
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return masked
+    return masked.mul_(before / after)
+
+
+def magnitude_sparsify(delta: Tensor, density: float, rescale: bool) -> Tensor:
+    """TIES trim: keep the ``max(1, int(density * numel))`` largest-magnitude entries.
+
+    Args:
+        delta: the task vector.
+        density: fraction to keep; >= 1 returns ``delta`` unchanged (no rescale), <= 0 zeros.
+        rescale: L1-norm rescale after masking.
+
+    Returns:
+        The sparsified tensor, in ``delta``'s dtype.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    num_keep = max(1, int(density * delta.numel()))
+    return masked_rescale(delta, topk_magnitude_mask(delta, num_keep), rescale)
+
+
+def magnitude_outliers_sparsify(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
+    """Breadcrumbs: drop the largest ``int(gamma * numel)`` and the smallest, keeping ``int(density * numel)``.
+
+    In ascending magnitude order the kept entries are positions ``[n_bot, n_bot + n_keep)`` with
+    ``n_bot = max(0, numel - n_keep - n_top)``: when ``n_keep + n_top > numel`` fewer outliers are
+    dropped so the density holds (mergekit's rule). Built from two top-k masks (no sort).
+
+    Args:
+        delta: the task vector.
+        density: fraction to keep; >= 1 returns ``delta`` unchanged.
+        gamma: fraction of largest-magnitude outliers to drop.
+        rescale: L1-norm rescale after masking.
+
+    Returns:
+        The sparsified tensor, in ``delta``'s dtype.
+    """
+    if density >= 1:
+        return delta
+    numel = delta.numel()
+    num_keep = max(0, int(density * numel))
+    num_top = int(gamma * numel)
+    num_bot = max(0, numel - num_keep - num_top)
+    num_drop_top = max(0, numel - num_bot - num_keep)  # outliers actually dropped
+    mask = topk_magnitude_mask(delta, num_drop_top + num_keep)
+    if num_drop_top > 0:
+        mask &= ~topk_magnitude_mask(delta, num_drop_top)
+    return masked_rescale(delta, mask, rescale)
+
+
+def random_sparsify(delta: Tensor, density: float, rescale: bool, *, ctx: TensorContext, model_index: int) -> Tensor:
+    """DARE drop: keep each entry with probability ``density`` (keyed Bernoulli mask ``u < density``).
+
+    Args:
+        delta: the task vector.
+        density: keep probability; >= 1 returns ``delta`` unchanged.
+        rescale: L1-norm rescale after masking (DARE's default).
+        ctx: tensor identity, keys the random stream.
+        model_index: index of the model (config order), keys the random stream.
+
+    Returns:
+        The sparsified tensor, in ``delta``'s dtype.
+    """
+    if density >= 1:
+        return delta
+    u = keyed_uniform(ctx, model_index, delta.numel(), delta.device).view(delta.shape)
+    return masked_rescale(delta, u < density, rescale)
+
+
+def della_sparsify(
+    delta: Tensor, density: float, epsilon: float, rescale: bool, *, ctx: TensorContext, model_index: int
+) -> Tensor:
+    """DELLA MagPrune: keep each entry with a probability rising with its magnitude rank in its row.
+
+    Ranks run along dim 1 (a 1-D or 0-D tensor is one row); ``r = (rank - 1) / (ncols - 1)`` and
+    ``p = density - epsilon + 2 * epsilon * r``. Probabilities are computed in float32 (mergekit
+    rounds the ranks to bf16 for bf16 inputs, a precision artifact not copied); equal magnitudes get
+    ranks by index (stable sort). A one-column row gets r = 0 (mergekit divides 0 by 0 there).
+
+    Args:
+        delta: the task vector.
+        density: mean keep probability; >= 1 returns ``delta`` unchanged, <= 0 zeros.
+        epsilon: half-width of the probability range.
+        rescale: L1-norm rescale after masking (DELLA's default).
+        ctx: tensor identity, keys the random stream.
+        model_index: index of the model (config order), keys the random stream.
+
+    Returns:
+        The sparsified tensor, in ``delta``'s dtype.
+
+    Raises:
+        ValueError: unless ``0 < density - epsilon`` and ``density + epsilon < 1``.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"della: density {density} +/- epsilon {epsilon} must lie in (0, 1) "
+            f"(tensor {ctx.name!r}, model {model_index})"
+        )
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    ncols = rows.shape[1]
+    order = rows.abs().argsort(dim=1, stable=True)
+    shape = [1] * rows.dim()
+    shape[1] = ncols
+    rank = torch.arange(ncols, dtype=torch.float32, device=delta.device).view(shape).expand(rows.shape)
+    probs = torch.empty(rows.shape, dtype=torch.float32, device=delta.device).scatter_(1, order, rank)
+    del order
+    probs.mul_(2 * epsilon / max(ncols - 1, 1)).add_(density - epsilon)
+    u = keyed_uniform(ctx, model_index, delta.numel(), delta.device).view(rows.shape)
+    return masked_rescale(delta, (u < probs).view(delta.shape), rescale)
+
+
+# --------------------------------------------------------------------------- sign election
+
+
+def sign_consensus_mask(weighted: Tensor) -> Tensor:
+    """TIES sign election over stacked weighted task vectors.
+
+    ``majority = +1 where sum_i wd_i >= 0 else -1``; ``mask_i = sign(wd_i) == majority`` (zeros and
+    NaNs never agree).
+
+    Args:
+        weighted: stacked ``w_i * d_i``, shape ``(num_models, *shape)``.
+
+    Returns:
+        A bool tensor of the same shape.
+    """
+    # The sum is reduced over dim 0 like mergekit, so reduced-precision rounding matches.
+    positive = weighted.sum(dim=0) >= 0
+    return torch.where(positive, weighted > 0, weighted < 0)

@@ -1,0 +1,121 @@
+"""Name -> merge method: the single list of methods (one explicit line each, no decorators).
+
+Variants of one formula (``dare_ties``, ``della``, ...) are presets of one function, as in mergekit.
+At import every parameter class is checked to be a frozen, ``kw_only``, ``slots`` dataclass whose
+fields carry the ``yaml``/``per_model``/``default`` metadata the resolver reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sar_dist.merge.base import MergeMethod
+from sar_dist.merge.methods.linear import LINEAR_URL, LinearParams, linear
+from sar_dist.merge.methods.ram import RAM_URL, RamParams, RamplusTlParams, ram, ramplus_tl
+from sar_dist.merge.methods.slerp import SLERP_URL, SlerpParams, slerp
+from sar_dist.merge.methods.task_arithmetic import (
+    TASK_ARITHMETIC_URL,
+    TIES_URL,
+    TaskArithmeticParams,
+    TiesParams,
+    task_arithmetic,
+    ties,
+)
+from sar_dist.merge.methods.task_arithmetic_presets import (
+    BREADCRUMBS_URL,
+    DARE_URL,
+    DELLA_URL,
+    BreadcrumbsParams,
+    BreadcrumbsTiesParams,
+    DareLinearParams,
+    DareTiesParams,
+    DellaLinearParams,
+    DellaParams,
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    della,
+    della_linear,
+)
+
+
+
+# Which tensors may be merged in row blocks: the method is elementwise for these params
+# (no whole-tensor statistic: no magnitude threshold, no norm for a rescale, no ranks).
+def _always(p: object) -> bool:
+    return True
+
+
+def _no_trim(p: TaskArithmeticParams) -> bool:  # ties' trim is a no-op at density >= 1
+    return all(d >= 1 for d in p.densities)
+
+
+def _no_rescale(p: DareLinearParams) -> bool:  # DARE drops are elementwise; its L1 rescale is not
+    return not p.rescale or all(d >= 1 for d in p.densities)
+
+
+_ALL = [
+    MergeMethod(name="linear", fn=linear, params_cls=LinearParams, needs_base=False, paper_url=LINEAR_URL, elementwise=_always),
+    MergeMethod(name="slerp", fn=slerp, params_cls=SlerpParams, needs_base=True, paper_url=SLERP_URL, max_models=1),
+    MergeMethod(name="task_arithmetic", fn=task_arithmetic, params_cls=TaskArithmeticParams, needs_base=True, paper_url=TASK_ARITHMETIC_URL, elementwise=_always),
+    MergeMethod(name="ties", fn=ties, params_cls=TiesParams, needs_base=True, paper_url=TIES_URL, elementwise=_no_trim),
+    MergeMethod(name="dare_linear", fn=dare_linear, params_cls=DareLinearParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale),
+    MergeMethod(name="dare_ties", fn=dare_ties, params_cls=DareTiesParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale),
+    MergeMethod(name="breadcrumbs", fn=breadcrumbs, params_cls=BreadcrumbsParams, needs_base=True, paper_url=BREADCRUMBS_URL),
+    MergeMethod(name="breadcrumbs_ties", fn=breadcrumbs_ties, params_cls=BreadcrumbsTiesParams, needs_base=True, paper_url=BREADCRUMBS_URL),
+    MergeMethod(name="della", fn=della, params_cls=DellaParams, needs_base=True, paper_url=DELLA_URL),
+    MergeMethod(name="della_linear", fn=della_linear, params_cls=DellaLinearParams, needs_base=True, paper_url=DELLA_URL),
+    MergeMethod(name="ram", fn=ram, params_cls=RamParams, needs_base=True, paper_url=RAM_URL, elementwise=_always),
+    MergeMethod(name="ramplus_tl", fn=ramplus_tl, params_cls=RamplusTlParams, needs_base=True, paper_url=RAM_URL),
+]  # fmt: skip
+
+METHODS: dict[str, MergeMethod] = {m.name: m for m in _ALL}
+"""Every merge method, by its ``merge_method`` name."""
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look up a merge method by its config name.
+
+    Args:
+        name: the ``merge_method`` value.
+
+    Returns:
+        The registered method.
+
+    Raises:
+        ValueError: if no method has that name; the message lists the known names.
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(METHODS))
+        raise ValueError(f"unknown merge_method {name!r}; known: {known}") from None
+
+
+def check_params_cls(cls: type) -> None:
+    """Check that a parameter class follows the contract.
+
+    Args:
+        cls: the class to check.
+
+    Raises:
+        TypeError: unless ``cls`` is a frozen, ``kw_only``, ``slots`` dataclass whose fields all carry
+            ``yaml``/``per_model``/``default`` metadata.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} is not a dataclass")
+    if not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__name__} is not frozen")
+    if "__slots__" not in cls.__dict__:
+        raise TypeError(f"{cls.__name__} does not use slots")
+    for f in dataclasses.fields(cls):
+        if not f.kw_only:
+            raise TypeError(f"{cls.__name__}.{f.name} is not kw_only")
+        if not {"yaml", "per_model", "default"} <= set(f.metadata):
+            raise TypeError(f"{cls.__name__}.{f.name} was not declared with per_model() or method_param()")
+
+
+assert len(METHODS) == len(_ALL), "duplicate method name"
+for _method in _ALL:
+    check_params_cls(_method.params_cls)
