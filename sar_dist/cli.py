@@ -62,9 +62,9 @@ def _emitter(as_json: bool):
         if kind == "shard_done":
             eta = event.get("eta_s")
             logger.info(
-                "shard %d/%d done (%s), tensors %d/%d, %.2f/%.2f GB, %.1f MB/s, ETA %s",
+                "shard %d/%d done (%s), tensors %d/%d, %s/%s, %.1f MB/s, ETA %s",
                 event["shards_done"], event["shards_total"], event["file"], event["tensors_done"],
-                event["tensors_total"], event["bytes_done"] / 1e9, event["bytes_total"] / 1e9,
+                event["tensors_total"], _human(event["bytes_done"]), _human(event["bytes_total"]),
                 event["rate_mb_s"], f"{eta:.0f}s" if eta is not None else "-",
             )
         elif kind == "start":
@@ -77,6 +77,14 @@ def _emitter(as_json: bool):
         elif kind == "already_complete":
             logger.info("%s already holds this merge; nothing to do", event["output"])
     return emit
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
 
 
 def _load_yaml(path: str) -> Any:

@@ -20,7 +20,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-
 # fsspec protocols whose files honour autocommit=False (commit/discard), so an upload
 # is invisible until committed; others get a temporary name and a move
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az", "oss"})

@@ -127,7 +127,7 @@ def write_checkpoint(
         else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     weight_map = {}
-    for file, names in zip(files, shards):
+    for file, names in zip(files, shards, strict=True):
         entries = order_for_writing([(n, st, shapes[n]) for n in names])
         with ShardWriter(storage, join(url, file), entries) as w:
             for n, _, shape in entries:

@@ -87,4 +87,4 @@ def test_same_tensors_as_mergekit(case, tmp_path, fp32_models):
     assert ours.keys() == theirs.keys()
     for name in theirs:
         assert ours[name].dtype == theirs[name].dtype == torch.float32, name
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{case} {name}: {m}")
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{case} {name}: {m}")

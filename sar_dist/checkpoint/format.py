@@ -143,7 +143,7 @@ def parse_header(
         tensors[name] = TensorInfo(dtype=dtype, shape=shape, offset=data_start + begin, nbytes=end - begin)
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise ValueError(f"{where}: tensors '{n0}' and '{n1}' overlap in the file")
     return data_start, tensors, metadata

@@ -101,7 +101,6 @@ def open_checkpoint(storage: Storage, url: str, *, stem: str = "model", what: st
     """
     where = display_url(url)
     index_url = join(url, f"{stem}.safetensors.index.json")
-    single_url = join(url, f"{stem}.safetensors")
     try:
         names = storage.listdir(url)
     except (OSError, ValueError) as e:
@@ -136,7 +135,7 @@ def open_checkpoint(storage: Storage, url: str, *, stem: str = "model", what: st
     tensors: dict[str, TensorRef] = {}
     files: dict[str, tuple[int, str]] = {}
     metadata: dict[str, str] = {}
-    for shard, shard_url, (infos, meta, size, header_sha) in zip(shard_names, shard_urls, headers):
+    for shard, shard_url, (infos, meta, size, header_sha) in zip(shard_names, shard_urls, headers, strict=True):
         files[shard] = (size, header_sha)
         metadata = metadata or meta
         for name, info in infos.items():

@@ -1,6 +1,7 @@
 """Run shard tasks as Ray tasks: the only ``import ray`` in the library.
 
-Each shard task becomes one Ray task that requests one CPU and its estimated memory,
+Each shard task becomes one Ray task that requests its share of the CPUs (at least
+one; one GPU with ``--device cuda``) and its estimated memory,
 writes its shard straight to the output and returns only a small ``ShardResult``;
 Ray retries it on worker or node loss (and on transient I/O errors). The driver
 collects results as they finish and reports progress; ``commit`` runs afterwards.
@@ -59,6 +60,25 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def _run_shard_task_with_threads(task: ShardTask, num_threads: int) -> ShardResult:
+    """The Ray task body: use the CPUs Ray gave this task for torch's intra-op threads."""
+    import torch
+
+    torch.set_num_threads(num_threads)
+    return run_shard_task(task)
+
+
+def cpus_per_task(num_tasks: int) -> int:
+    """CPUs to request per task: spread the cluster's CPUs over the tasks (at least one),
+    never more than the largest node has, so a merge with fewer shards than CPUs still
+    uses every core (results do not depend on the thread count; see ``ops.one_thread``)."""
+    import ray
+
+    total = int(ray.cluster_resources().get("CPU", 1))
+    largest_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+    return max(1, min(largest_node, total // max(num_tasks, 1)))
+
+
 def run_ray(
     tasks: Sequence[ShardTask],
     progress: Progress | None = None,
@@ -88,16 +108,18 @@ def run_ray(
 
     started = ensure_ray(address, num_cpus)
     try:
-        remote = ray.remote(run_shard_task)
+        remote = ray.remote(_run_shard_task_with_threads)
+        num_cpus_task = cpus_per_task(len(tasks))
         pending: dict[Any, ShardTask] = {}
         for task in tasks:
             ref = remote.options(
                 name=f"sar-dist:{task.file_name}",
-                num_cpus=1,
+                num_cpus=num_cpus_task,
+                num_gpus=1 if task.device == "cuda" else 0,
                 memory=task.estimated_bytes,
                 max_retries=max_retries,
                 retry_exceptions=RETRY_EXCEPTIONS,
-            ).remote(task)
+            ).remote(task, num_cpus_task)
             pending[ref] = task
         results: dict[int, ShardResult] = {}
         while pending:

@@ -49,7 +49,8 @@ def merge_unit(method: MergeMethod, unit: Unit, raw: list[torch.Tensor], seed: i
     Args:
         method: the registered method.
         unit: the tensor job and optional row range.
-        raw: its sources as read: base (if any), inputs, then Fisher statistics.
+        raw: its sources as read: base (if any), inputs, then Fisher statistics; the list
+            is emptied (its tensors are converted and handed to the method).
         seed: job seed (keyed randomness).
         device: compute device.
 
@@ -61,15 +62,23 @@ def merge_unit(method: MergeMethod, unit: Unit, raw: list[torch.Tensor], seed: i
     if job.params is None:
         return raw[0].to(out_dtype)
     compute = DTYPES[job.compute_dtype][0]
-    tensors = [t.to(device=device, dtype=compute) for t in raw]
+    # convert in place in the caller's list, so each stored-dtype buffer is freed as soon
+    # as its compute-dtype copy exists (peak: one extra tensor, not a second set)
+    row_elems = raw[0].numel() // raw[0].shape[0] if raw[0].dim() and raw[0].shape[0] else 0
+    shape = raw[0].shape
+    for i in range(len(raw)):
+        raw[i] = raw[i].to(device=device, dtype=compute)
+    tensors = list(raw)
+    raw.clear()
     base = tensors.pop(0) if job.base is not None else None
     n = len(job.inputs)
     inputs, fisher = tensors[:n], tensors[n:]
-    row_elems = raw[0].numel() // raw[0].shape[0] if raw[0].dim() and raw[0].shape[0] else 0
     ctx = TensorContext(name=job.name, seed=seed, offset=rows[0] * row_elems if rows else 0)
     kwargs = {"fisher": fisher} if fisher else {}
+    del tensors
     out = method.fn(inputs, base, job.params, ctx=ctx, **kwargs)
-    assert out.shape == raw[0].shape, (job.name, tuple(out.shape), tuple(raw[0].shape))
+    del inputs, base, fisher
+    assert out.shape == shape, (job.name, tuple(out.shape), tuple(shape))
     return out.to(dtype=out_dtype).cpu()
 
 

@@ -12,6 +12,8 @@ deterministic.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -174,6 +176,29 @@ def topk_magnitude_mask(x: Tensor, num_keep: int) -> Tensor:
     return mask.view(x.shape)
 
 
+# --------------------------------------------------------------------------- deterministic reductions
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run CPU reductions on one thread, so their result does not depend on the thread count.
+
+    A whole-tensor float sum in torch splits the work by thread count (seen here: ``x.sum()``
+    of 2**24 floats differs in the last bits between 1, 2 and 4 threads), and executors run
+    with different counts (a Ray task gets its CPU share, the local executor all cores).
+    Elementwise work and reductions over the model dimension are unaffected and stay parallel.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------- sparsifiers
 
 
@@ -195,8 +220,9 @@ def masked_rescale(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
     masked = delta * mask
     if not rescale:
         return masked
-    before = delta.abs().sum()
-    after = masked.abs().sum()
+    with one_thread():  # the same bits whatever executor or thread count
+        before = delta.abs().sum()
+        after = masked.abs().sum()
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return masked
     return masked.mul_(before / after)
@@ -218,6 +244,11 @@ def magnitude_sparsify(delta: Tensor, density: float, rescale: bool) -> Tensor:
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     num_keep = max(1, int(density * delta.numel()))
+    if num_keep >= int(torch.count_nonzero(delta)):
+        # RLVR task vectors are mostly exact zeros: when every nonzero entry is among the
+        # kept ones, the trimmed tensor is the tensor itself (the extra kept entries are
+        # zeros) and its L1 norm is unchanged, so the rescale factor would be exactly 1.
+        return delta
     return masked_rescale(delta, topk_magnitude_mask(delta, num_keep), rescale)
 
 

@@ -40,7 +40,6 @@ from sar_dist.merge.methods.task_arithmetic_presets import (
 )
 
 
-
 # Which tensors may be merged in row blocks: the method is elementwise for these params
 # (no whole-tensor statistic: no magnitude threshold, no norm for a rescale, no ranks).
 def _always(p: object) -> bool:

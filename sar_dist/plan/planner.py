@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
+
 from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, build_header, order_for_writing
 from sar_dist.checkpoint.index import CheckpointIndex, open_checkpoint, read_json
 from sar_dist.checkpoint.writer import SAFETENSORS_METADATA
@@ -141,7 +142,7 @@ def build_plan(
     for u in input_urls:
         if u != ref_url:
             problems += _compare(ref_name, ref, indexes[u], "model")
-    for m, fi in zip(input_refs, fisher_indexes):
+    for m, fi in zip(input_refs, fisher_indexes, strict=False):  # no fisher_indexes: no-op
         for name, r in ref.tensors.items():
             f = fi.tensors.get(name)
             if f is None:
@@ -194,7 +195,7 @@ def build_plan(
     shards = _assign_shards(jobs, job.max_shard_bytes)
     layout = [[(j.name, j.out_dtype, j.shape) for j in s] for s in shards]
     inputs_fp = {u: idx.fingerprint() for u, idx in indexes.items()}
-    inputs_fp.update({m.fisher: fi.fingerprint() for m, fi in zip(input_refs, fisher_indexes)})
+    inputs_fp.update({m.fisher: fi.fingerprint() for m, fi in zip(input_refs, fisher_indexes, strict=False)})
     resolved = job.to_dict()
     identity = {k: v for k, v in resolved.items() if k not in ("output", "storage_options")}
     plan_id = hashlib.sha256(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sar_dist.merge import ops
 from sar_dist.merge.base import REQUIRED, TensorContext, method_param
 
 SLERP_URL = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#slerp-slerp"
@@ -58,13 +59,14 @@ def slerp(tensors: Sequence[Tensor], base: Tensor, p: SlerpParams, *, ctx: Tenso
 
     if a.numel() == 0:
         return base.clone()
-    # Norm of per-chunk norms: the whole-tensor L2 norm without a full float32 copy.
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(part(a, s)) for s in starts]))
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(part(b, s)) for s in starts]))
-    norm_a = torch.where(norm_a > _NORM_EPS, norm_a, 1)
-    norm_b = torch.where(norm_b > _NORM_EPS, norm_b, 1)
-    # Normalize before multiplying so the dot product cannot overflow.
-    dot = torch.stack([((part(a, s) / norm_a) * (part(b, s) / norm_b)).sum() for s in starts]).sum()
+    with ops.one_thread():  # whole-tensor reductions: same bits for any thread count
+        # Norm of per-chunk norms: the whole-tensor L2 norm without a full float32 copy.
+        norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(part(a, s)) for s in starts]))
+        norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(part(b, s)) for s in starts]))
+        norm_a = torch.where(norm_a > _NORM_EPS, norm_a, 1)
+        norm_b = torch.where(norm_b > _NORM_EPS, norm_b, 1)
+        # Normalize before multiplying so the dot product cannot overflow.
+        dot = torch.stack([((part(a, s) / norm_a) * (part(b, s) / norm_b)).sum() for s in starts]).sum()
     dot = dot.clamp(-1, 1)
     if dot.abs() > _DOT_THRESHOLD:  # nearly collinear: sin(theta) ~ 0, use lerp
         coef_a, coef_b = 1 - t, t
