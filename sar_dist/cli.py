@@ -214,7 +214,8 @@ def _bad_input(e: object) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sar-dist`` console script."""
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[sar-dist] %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="[sar-dist] %(message)s", stream=sys.stderr)
+    logger.setLevel(logging.INFO)  # our progress lines; other libraries stay at WARNING
     handlers = {"merge": _cmd_merge, "inspect": _cmd_inspect, "verify": _cmd_verify}
     try:
         return handlers[args.command](args)

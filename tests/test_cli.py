@@ -208,3 +208,18 @@ def test_resume_after_failure_is_bit_identical(tmp_path, tiny_models):
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in ref_manifest["shards"]]
     for s in manifest["shards"]:
         assert storage.read_bytes(f"{out}/{s['file']}") == storage.read_bytes(f"{ref_out}/{s['file']}")
+
+
+def test_unreachable_storage_exits_2(tmp_path):
+    out = tmp_path / "out"
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        "merge_method: task_arithmetic\nbase_model: s3://nobucket/base\nmodels: [{model: s3://nobucket/ft}]\n"
+        f"parameters: {{weight: 1.0}}\noutput: {out}\n"
+        "storage_options: {client_kwargs: {endpoint_url: 'http://127.0.0.1:9'}, "
+        "config_kwargs: {retries: {max_attempts: 1}, connect_timeout: 2}}\n",
+    )
+    r = run_cli("merge", cfg, env={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    assert r.returncode == 2, r.stderr
+    assert "base model s3://nobucket/base: cannot reach it" in r.stderr.strip().splitlines()[-1]
+    assert not out.exists()

@@ -103,8 +103,10 @@ def open_checkpoint(storage: Storage, url: str, *, stem: str = "model", what: st
     index_url = join(url, f"{stem}.safetensors.index.json")
     try:
         names = storage.listdir(url)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{what} {where}: cannot list directory ({e.__class__.__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - first contact with a foreign filesystem library
+        # fsspec backends raise their own types for an unreachable endpoint (botocore's
+        # EndpointConnectionError is no OSError); any failure here means bad input
+        raise ValueError(f"{what} {where}: cannot reach it ({e.__class__.__name__}: {e})") from None
     if f"{stem}.safetensors.index.json" in names:
         try:
             index = json.loads(storage.read_bytes(index_url))
