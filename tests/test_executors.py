@@ -59,11 +59,20 @@ def test_local_and_ray_write_identical_bytes(tmp_path, tiny_models, ray_local, m
     assert done[-1]["shards_done"] == done[-1]["shards_total"] and "eta_s" in done[-1]
 
 
-def test_chunked_elementwise_equals_whole(tmp_path, tiny_models):
+@pytest.mark.parametrize("method, params, dtype", [
+    ("dare_ties", {"density": 0.5, "weight": 1.0, "rescale": False}, None),
+    ("task_arithmetic", {"weight": 0.7}, "bfloat16"),
+    ("ties", {"density": 0.02, "weight": 1.0, "rescale": True}, None),  # exact threshold in passes
+    ("ties", {"density": 0.02, "weight": 1.0}, "bfloat16"),
+    ("ties", {"density": 0.5, "weight": 1.0}, None),  # every nonzero delta kept: no threshold pass
+])
+def test_chunked_equals_whole(tmp_path, tiny_models, method, params, dtype):
     whole, chunked = str(tmp_path / "whole"), str(tmp_path / "chunked")
-    job = lambda out: _job(tiny_models, out, "dare_ties", parameters={"density": 0.5, "weight": 1.0, "rescale": False})  # noqa: E731
-    plan = build_plan(job(chunked), memory_budget=20_000)
-    assert any(j.chunk_rows < j.shape[0] for t in plan.tasks for j in t.tensors if j.shape)
+    extra = {"dtype": dtype} if dtype else {}
+    job = lambda out: _job(tiny_models, out, method, parameters=params, **extra)  # noqa: E731
+    plan = build_plan(job(chunked), memory_budget=6_000)
+    assert not plan.warnings
+    assert sum(j.chunk_rows < j.shape[0] for t in plan.tasks for j in t.tensors if j.shape) >= 15
     execute(prepare(plan), executor="local")
     _run(job(whole), "local")
     assert _shard_files(whole) == _shard_files(chunked)

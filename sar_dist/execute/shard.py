@@ -10,9 +10,11 @@ receipt records its size and sha256 so a rerun can skip it.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -27,15 +29,37 @@ from sar_dist.storage import Storage
 Unit = tuple[TensorJob, tuple[int, int] | None]
 
 
+def _row_ranges(job: TensorJob) -> list[tuple[int, int] | None]:
+    """The row blocks of a tensor (``[None]``: the whole tensor at once)."""
+    rows = job.shape[0] if job.shape else 0
+    step = job.chunk_rows or rows
+    if not job.shape or step >= rows:
+        return [None]
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
 def _units(task: ShardTask) -> Iterator[Unit]:
     for job in task.tensors:
-        rows = job.shape[0] if job.shape else 0
-        step = job.chunk_rows or rows
-        if not job.shape or step >= rows:
-            yield job, None
-        else:
-            for r0 in range(0, rows, step):
-                yield job, (r0, min(rows, r0 + step))
+        for rows in _row_ranges(job):
+            yield job, rows
+
+
+def gather_state(method: MergeMethod, job: TensorJob, storage: Storage, device: str) -> Any:
+    """Whole-tensor statistics of a chunked tensor, in passes over its row blocks.
+
+    Each pass reads the blocks again (one block in memory at a time), so a tensor of any
+    size is handled within the memory budget, exactly as if it were merged whole.
+    """
+    compute = DTYPES[job.compute_dtype][0]
+    state = method.state(job.params, math.prod(job.shape), compute, device)
+    while state.needs_pass():
+        for rows in _row_ranges(job):
+            tensors = [read_tensor(storage, ref, rows).to(device=device, dtype=compute) for ref in job.sources]
+            base = tensors.pop(0) if job.base is not None else None
+            state.observe(tensors[: len(job.inputs)], base)
+            del tensors, base
+        state.end_pass()
+    return state
 
 
 def _read_unit(storage: Storage, unit: Unit) -> list[torch.Tensor]:
@@ -43,7 +67,9 @@ def _read_unit(storage: Storage, unit: Unit) -> list[torch.Tensor]:
     return [read_tensor(storage, ref, rows) for ref in job.sources]
 
 
-def merge_unit(method: MergeMethod, unit: Unit, raw: list[torch.Tensor], seed: int, device: str) -> torch.Tensor:
+def merge_unit(
+    method: MergeMethod, unit: Unit, raw: list[torch.Tensor], seed: int, device: str, state: Any = None
+) -> torch.Tensor:
     """Merge one unit's inputs (stored dtype, CPU) into the output dtype (CPU).
 
     Args:
@@ -53,6 +79,7 @@ def merge_unit(method: MergeMethod, unit: Unit, raw: list[torch.Tensor], seed: i
             is emptied (its tensors are converted and handed to the method).
         seed: job seed (keyed randomness).
         device: compute device.
+        state: whole-tensor statistics when the unit is a row block of a method that needs them.
 
     Returns:
         The merged block, in the job's output dtype, on CPU.
@@ -74,7 +101,9 @@ def merge_unit(method: MergeMethod, unit: Unit, raw: list[torch.Tensor], seed: i
     n = len(job.inputs)
     inputs, fisher = tensors[:n], tensors[n:]
     ctx = TensorContext(name=job.name, seed=seed, offset=rows[0] * row_elems if rows else 0)
-    kwargs = {"fisher": fisher} if fisher else {}
+    kwargs: dict[str, Any] = {"fisher": fisher} if fisher else {}
+    if state is not None:
+        kwargs["state"] = state
     del tensors
     out = method.fn(inputs, base, job.params, ctx=ctx, **kwargs)
     del inputs, base, fisher
@@ -100,17 +129,22 @@ def run_shard_task(task: ShardTask, on_tensor: Callable[[TensorJob], None] | Non
     units = list(_units(task))
     with ShardWriter(storage, task.url, entries) as writer, ThreadPoolExecutor(max_workers=1) as pool:
         pending: Future | None = pool.submit(_read_unit, storage, units[0]) if units else None
+        state = None
         for i, unit in enumerate(units):
             assert pending is not None
             raw = pending.result()
-            pending = pool.submit(_read_unit, storage, units[i + 1]) if i + 1 < len(units) else None
             job, rows = unit
-            out = merge_unit(method, unit, raw, task.seed, task.device)
+            if rows is not None and rows[0] == 0 and method.state is not None and job.params is not None:
+                state = gather_state(method, job, storage, task.device)  # before its first block
+            pending = pool.submit(_read_unit, storage, units[i + 1]) if i + 1 < len(units) else None
+            out = merge_unit(method, unit, raw, task.seed, task.device, state if rows is not None else None)
             del raw
             writer.write(job.name, out)
             del out
-            if on_tensor is not None and (rows is None or rows[1] == job.shape[0]):
-                on_tensor(job)
+            if rows is None or rows[1] == job.shape[0]:  # the tensor is finished
+                state = None
+                if on_tensor is not None:
+                    on_tensor(job)
     result = ShardResult(
         plan_id=task.plan_id,
         index=task.index,

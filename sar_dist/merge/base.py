@@ -100,6 +100,11 @@ class MergeMethod:
         elementwise: given resolved params, whether the method on a block of rows equals
             that block of the method on the whole tensor (no whole-tensor statistic such
             as a top-k threshold or a norm); such tensors may be processed in row chunks.
+        state: for methods that need whole-tensor statistics, ``state(params, numel, dtype,
+            device)`` makes an object gathering them in passes over the row chunks
+            (``needs_pass()``, ``observe(tensors, base)`` per chunk in order, ``end_pass()``);
+            ``fn(..., state=s)`` then merges the chunks in order, exactly as the whole tensor.
+            Such tensors may also be processed in row chunks.
     """
 
     name: str
@@ -111,6 +116,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     elementwise: Callable[[Any], bool] = lambda params: False
+    state: Callable[..., Any] | None = None
 
     def param_fields(self) -> Sequence[dataclasses.Field]:
         """The parameter fields, with their ``yaml``/``per_model``/``default`` metadata."""

@@ -114,17 +114,98 @@ def keyed_uniform(ctx: TensorContext, model_index: int, numel: int, device: torc
 # --------------------------------------------------------------------------- exact top-k by magnitude
 
 
-def _magnitude_bits(chunk: Tensor, sign_mask: int, int_dtype: torch.dtype) -> Tensor:
-    # For IEEE floats, |x| orders like its bit pattern read as an integer (NaN above inf, as in sort).
-    return chunk.view(int_dtype).long() & sign_mask
+# For IEEE floats, |x| orders like its bit pattern read as an integer (NaN above inf, as in sort),
+# which is what MagnitudeSelector selects on.
+class MagnitudeSelector:
+    """Exact top-k of ``|x|`` over a tensor seen in pieces, in flattened order, over several passes.
+
+    The ``num_keep``-th largest ``|x|`` is found by a radix select on the float bits (16 bits per
+    pass; no sort, no index tensor): each resolving pass feeds every piece to :meth:`observe`, then
+    :meth:`end_pass` fixes 16 more bits of the threshold. Once :meth:`needs_pass` is False,
+    :meth:`mask` is called on the pieces again, in order: entries strictly above the threshold are
+    kept, then the first entries equal to it in flattened order until ``num_keep`` are kept. The
+    result does not depend on how the tensor is cut into pieces (row chunks of any size).
+
+    Args:
+        numel: elements in the whole tensor.
+        num_keep: how many to keep; <= 0 keeps none, >= numel keeps all.
+        dtype: the pieces' floating-point dtype.
+        device: the pieces' device.
+    """
+
+    def __init__(self, numel: int, num_keep: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.numel, self.num_keep = numel, num_keep
+        self._int_dtype, self._sign_mask = _INT_VIEW[dtype]
+        self._total_bits = torch.finfo(dtype).bits
+        self._device = device
+        self._shift = self._total_bits - _RADIX_BITS
+        self._prefix, self._remaining = 0, num_keep  # rank of the threshold among entries with this prefix
+        self._hist: Tensor | None = None
+        self._trivial = num_keep <= 0 or num_keep >= numel
+        self._remaining_at_threshold = num_keep
+
+    def needs_pass(self) -> bool:
+        """Whether another resolving pass over all pieces is needed."""
+        return not self._trivial and self._shift >= 0
+
+    def _bits(self, piece: Tensor) -> Tensor:
+        return piece.detach().reshape(-1).view(self._int_dtype).long() & self._sign_mask
+
+    def observe(self, piece: Tensor) -> None:
+        """Count one piece's magnitudes in this pass's histogram."""
+        assert self.needs_pass()
+        if self._hist is None:
+            self._hist = torch.zeros(2**_RADIX_BITS, dtype=torch.long, device=self._device)
+        for part in piece.reshape(-1).split(_CHUNK_NUMEL):
+            bits = self._bits(part)
+            if self._shift + _RADIX_BITS < self._total_bits:
+                bits = bits[(bits >> (self._shift + _RADIX_BITS)) == self._prefix]
+            self._hist += torch.bincount((bits >> self._shift) & (2**_RADIX_BITS - 1), minlength=2**_RADIX_BITS)
+
+    def end_pass(self) -> None:
+        """Fix the next 16 bits of the threshold from this pass's histogram."""
+        assert self._hist is not None, "a pass must observe the pieces"
+        from_top = self._hist.flip(0).cumsum(0)
+        j = int(torch.searchsorted(from_top, self._remaining).item())  # first bucket reaching the rank
+        self._remaining -= int(from_top[j - 1].item()) if j > 0 else 0
+        self._prefix = (self._prefix << _RADIX_BITS) | (2**_RADIX_BITS - 1 - j)
+        self._shift -= _RADIX_BITS
+        self._hist = None
+        self._remaining_at_threshold = self._remaining
+
+    def rewind(self) -> None:
+        """Start the masking over again from the first piece (e.g. one pass for norms, one to apply)."""
+        self._remaining = self._remaining_at_threshold
+
+    def mask(self, piece: Tensor) -> Tensor:
+        """The keep-mask of the next piece (pieces in flattened order, after the passes)."""
+        assert not self.needs_pass()
+        if self._trivial:
+            return torch.full(piece.shape, self.num_keep > 0, dtype=torch.bool, device=piece.device)
+        out = torch.empty(piece.numel(), dtype=torch.bool, device=piece.device)
+        pos = 0
+        for part in piece.reshape(-1).split(_CHUNK_NUMEL):
+            bits = self._bits(part)
+            dst = out[pos : pos + part.numel()]
+            torch.gt(bits, self._prefix, out=dst)
+            if self._remaining > 0:
+                equal = bits == self._prefix
+                num_equal = int(equal.sum().item())
+                if num_equal > self._remaining:  # deterministic tie-break: lowest flattened index first
+                    cut = int(equal.nonzero()[self._remaining - 1, 0].item()) + 1
+                    equal[cut:] = False
+                    num_equal = self._remaining
+                dst |= equal
+                self._remaining -= num_equal
+            pos += part.numel()
+        return out.view(piece.shape)
 
 
 def topk_magnitude_mask(x: Tensor, num_keep: int) -> Tensor:
     """Mask of exactly ``num_keep`` entries of ``x`` with the largest magnitude.
 
-    The ``num_keep``-th largest ``|x|`` is found by a radix select on the float bits (16 bits per
-    pass over 2**20-element chunks; no sort, no full-size index tensor). Entries strictly above it
-    are kept, then the first entries equal to it in flattened order until ``num_keep`` are kept.
+    :class:`MagnitudeSelector` over the whole tensor as one piece: ties at the threshold are
+    broken by lowest flattened index.
 
     Args:
         x: a floating-point tensor (fp16, bf16, fp32 or fp64), any shape, any device.
@@ -133,47 +214,11 @@ def topk_magnitude_mask(x: Tensor, num_keep: int) -> Tensor:
     Returns:
         A bool tensor of ``x``'s shape with exactly ``clamp(num_keep, 0, numel)`` True entries.
     """
-    numel = x.numel()
-    if num_keep <= 0:
-        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-    if num_keep >= numel:
-        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    int_dtype, sign_mask = _INT_VIEW[x.dtype]
-    total_bits = torch.finfo(x.dtype).bits
-    chunks = x.detach().reshape(-1).split(_CHUNK_NUMEL)
-
-    # Radix select: fix the threshold's bits 16 at a time, from the top, counting from the largest.
-    prefix, remaining = 0, num_keep  # remaining: rank of the threshold among entries with this prefix
-    for shift in range(total_bits - _RADIX_BITS, -1, -_RADIX_BITS):
-        hist = torch.zeros(2**_RADIX_BITS, dtype=torch.long, device=x.device)
-        for chunk in chunks:
-            bits = _magnitude_bits(chunk, sign_mask, int_dtype)
-            if shift + _RADIX_BITS < total_bits:
-                bits = bits[(bits >> (shift + _RADIX_BITS)) == prefix]
-            hist += torch.bincount((bits >> shift) & (2**_RADIX_BITS - 1), minlength=2**_RADIX_BITS)
-        from_top = hist.flip(0).cumsum(0)
-        j = int(torch.searchsorted(from_top, remaining).item())  # first bucket reaching the rank
-        remaining -= int(from_top[j - 1].item()) if j > 0 else 0
-        prefix = (prefix << _RADIX_BITS) | (2**_RADIX_BITS - 1 - j)
-
-    # prefix is now the threshold's bits; `remaining` entries equal to it must be kept.
-    mask = torch.empty(numel, dtype=torch.bool, device=x.device)
-    pos = 0
-    for chunk in chunks:
-        bits = _magnitude_bits(chunk, sign_mask, int_dtype)
-        out = mask[pos : pos + chunk.numel()]
-        torch.gt(bits, prefix, out=out)
-        if remaining > 0:
-            equal = bits == prefix
-            num_equal = int(equal.sum().item())
-            if num_equal > remaining:  # deterministic tie-break: lowest flattened index first
-                cut = int(equal.nonzero()[remaining - 1, 0].item()) + 1
-                equal[cut:] = False
-                num_equal = remaining
-            out |= equal
-            remaining -= num_equal
-        pos += chunk.numel()
-    return mask.view(x.shape)
+    selector = MagnitudeSelector(x.numel(), num_keep, x.dtype, x.device)
+    while selector.needs_pass():
+        selector.observe(x)
+        selector.end_pass()
+    return selector.mask(x)
 
 
 # --------------------------------------------------------------------------- deterministic reductions

@@ -20,6 +20,7 @@ from sar_dist.merge.methods.task_arithmetic import (
     TiesParams,
     task_arithmetic,
     ties,
+    ties_state,
 )
 from sar_dist.merge.methods.task_arithmetic_presets import (
     BREADCRUMBS_URL,
@@ -58,7 +59,7 @@ _ALL = [
     MergeMethod(name="linear", fn=linear, params_cls=LinearParams, needs_base=False, paper_url=LINEAR_URL, elementwise=_always),
     MergeMethod(name="slerp", fn=slerp, params_cls=SlerpParams, needs_base=True, paper_url=SLERP_URL, max_models=1),
     MergeMethod(name="task_arithmetic", fn=task_arithmetic, params_cls=TaskArithmeticParams, needs_base=True, paper_url=TASK_ARITHMETIC_URL, elementwise=_always),
-    MergeMethod(name="ties", fn=ties, params_cls=TiesParams, needs_base=True, paper_url=TIES_URL, elementwise=_no_trim),
+    MergeMethod(name="ties", fn=ties, params_cls=TiesParams, needs_base=True, paper_url=TIES_URL, elementwise=_no_trim, state=ties_state),
     MergeMethod(name="dare_linear", fn=dare_linear, params_cls=DareLinearParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale),
     MergeMethod(name="dare_ties", fn=dare_ties, params_cls=DareTiesParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale),
     MergeMethod(name="breadcrumbs", fn=breadcrumbs, params_cls=BreadcrumbsParams, needs_base=True, paper_url=BREADCRUMBS_URL),

@@ -182,13 +182,18 @@ def build_plan(
                 fisher=tuple(fi.tensors[name] for fi in fisher_indexes),
                 params=params,
             )
-        elementwise = tj.params is None or method.elementwise(tj.params)
-        rows, fits = _pick_chunk_rows(tj, elementwise, memory_budget)
+        # row blocks: elementwise methods, and methods that gather whole-tensor statistics in
+        # passes (1-D tensors are small and stay whole)
+        chunkable = tj.params is None or method.elementwise(tj.params) or (
+            method.state is not None and len(tj.shape) >= 2
+        )
+        rows, fits = _pick_chunk_rows(tj, chunkable, memory_budget)
         if not fits:
-            need = unit_bytes(tj, rows if elementwise else (tj.shape[0] if tj.shape else 1))
+            need = unit_bytes(tj, rows if chunkable else (tj.shape[0] if tj.shape else 1))
+            why = "one row" if chunkable else f"processed whole: {method.name} needs whole-tensor statistics"
             warnings.append(
                 f"tensor '{name}' needs ~{need / 2**20:.0f} MiB, over the memory budget of "
-                f"{memory_budget / 2**20:.0f} MiB ({'one row' if elementwise else 'processed whole: ' + method.name + ' needs whole-tensor statistics'})"
+                f"{memory_budget / 2**20:.0f} MiB ({why})"
             )
         jobs.append(dataclasses.replace(tj, chunk_rows=rows))
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from sar_dist.merge import ops
 from sar_dist.merge.base import REQUIRED, TensorContext, method_param, per_model
+from sar_dist.merge.methods.trim import TrimState
 
 TASK_ARITHMETIC_URL = "https://arxiv.org/abs/2212.04089"
 TIES_URL = "https://arxiv.org/abs/2306.01708"
@@ -124,7 +125,14 @@ def task_arithmetic(tensors: Sequence[Tensor], base: Tensor, p: TaskArithmeticPa
     return generalized_task_arithmetic(tensors, base, p, sparsify=None, elect=False)
 
 
-def ties(tensors: Sequence[Tensor], base: Tensor, p: TiesParams, *, ctx: TensorContext) -> Tensor:
+def ties_state(p: TiesParams, numel: int, dtype: torch.dtype, device: torch.device | str) -> TrimState:
+    """The whole-tensor trim statistics ``ties`` needs, for a chunked run (see ``trim.py``)."""
+    return TrimState(p.densities, p.rescale, numel, dtype, device)
+
+
+def ties(
+    tensors: Sequence[Tensor], base: Tensor, p: TiesParams, *, ctx: TensorContext, state: TrimState | None = None
+) -> Tensor:
     """TIES-Merging (arXiv 2306.01708, https://arxiv.org/abs/2306.01708).
 
     Trim each ``d_i`` to its ``max(1, int(k_i * numel))`` largest magnitudes (density 1 keeps all),
@@ -135,10 +143,12 @@ def ties(tensors: Sequence[Tensor], base: Tensor, p: TiesParams, *, ctx: TensorC
         base: the base model's tensor.
         p: resolved parameters.
         ctx: tensor identity (unused: deterministic).
+        state: trim statistics gathered over the whole tensor when ``tensors`` and ``base`` are a
+            block of rows (blocks then come in order); None computes them from the tensors given.
 
     Returns:
         The merged tensor, in ``base``'s dtype.
     """
-    return generalized_task_arithmetic(
-        tensors, base, p, elect=True, sparsify=lambda d, i: ops.magnitude_sparsify(d, p.densities[i], p.rescale)
-    )
+    if state is None:  # the whole tensor is here: gather the trim statistics from it
+        state = ties_state(p, base.numel(), base.dtype, base.device).run(tensors, base)
+    return generalized_task_arithmetic(tensors, base, p, elect=True, sparsify=state.sparsify)

@@ -1,0 +1,128 @@
+"""TIES' magnitude trim as a whole-tensor state gathered in passes, so huge tensors can be
+merged in row chunks with exactly the result of the whole-tensor merge.
+
+Per model ``i`` with ``0 < k_i < 1``: keep the ``max(1, int(k_i * numel))`` largest ``|d_i|``
+(``d_i = x_i - base``; ties at the threshold by lowest flattened index), optionally L1-rescaled
+``masked * (||d_i||_1 / ||masked||_1)`` (METHODS.md). Passes, each over all row chunks in order:
+1. count the nonzero entries of each ``d_i``: when every nonzero entry is kept anyway (RLVR task
+   vectors are mostly exact zeros) the trim is the identity and needs no threshold;
+2. radix-select the exact threshold (``ops.MagnitudeSelector``: 2 passes for fp32, 1 for bf16);
+3. with ``rescale``: both L1 norms, as float64 sums of per-row float64 sums (identical for any
+   chunking and thread count), then rounded to the compute dtype as mergekit's sums are.
+Then the merge runs chunk by chunk with :meth:`TrimState.sparsify`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from sar_dist.merge import ops
+
+_RESCALE_EPS = 1e-7  # mergekit's floor on both L1 norms before rescaling
+
+
+def _row_l1(x: Tensor) -> Tensor:
+    rows = x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
+    return rows.abs().sum(dim=1, dtype=torch.float64)  # per-row: chunking-independent
+
+
+class TrimState:
+    """Whole-tensor statistics of the magnitude trim of each model's task vector.
+
+    Args:
+        densities: ``k_i`` per model.
+        rescale: whether to L1-rescale each trimmed task vector.
+        numel: elements in the whole tensor.
+        dtype: compute dtype.
+        device: compute device.
+    """
+
+    def __init__(self, densities: Sequence[float], rescale: bool, numel: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.densities, self.rescale, self.numel = tuple(densities), rescale, numel
+        self._dtype, self._device = dtype, device
+        self._trimmed = [0 < k < 1 for k in self.densities]
+        self._nonzero = [0] * len(self.densities)
+        self._selectors: list[ops.MagnitudeSelector | None] = [None] * len(self.densities)
+        self._factors: list[Tensor | None] = [None] * len(self.densities)
+        self._phase = "count" if any(self._trimmed) else "ready"
+        self._l1: list[tuple[list[Tensor], list[Tensor]]] = []
+
+    def needs_pass(self) -> bool:
+        """Whether another pass over all row chunks (in order) is needed."""
+        return self._phase != "ready"
+
+    def observe(self, tensors: Sequence[Tensor], base: Tensor) -> None:
+        """Feed one row chunk of the inputs (compute dtype) during a pass."""
+        for i, x in enumerate(tensors):
+            if not self._trimmed[i]:
+                continue
+            d = x - base
+            if self._phase == "count":
+                self._nonzero[i] += int(torch.count_nonzero(d))
+            elif self._phase == "select":
+                sel = self._selectors[i]
+                if sel is not None and sel.needs_pass():
+                    sel.observe(d)
+            elif self._phase == "norms" and self._selectors[i] is not None:
+                before, after = self._l1[i]
+                before.append(_row_l1(d))
+                after.append(_row_l1(d * self._selectors[i].mask(d)))
+
+    def end_pass(self) -> None:
+        """Close a pass: decide the next one."""
+        if self._phase == "count":
+            for i, k in enumerate(self.densities):
+                keep = max(1, int(k * self.numel))
+                if self._trimmed[i] and keep < self._nonzero[i]:
+                    self._selectors[i] = ops.MagnitudeSelector(self.numel, keep, self._dtype, self._device)
+            self._phase = "select"
+        elif self._phase == "select":
+            for sel in self._selectors:
+                if sel is not None and sel.needs_pass():
+                    sel.end_pass()
+        elif self._phase == "norms":
+            for i, (before, after) in enumerate(self._l1):
+                if self._selectors[i] is None:
+                    continue
+                with ops.one_thread():
+                    # exact-ish sums rounded to the compute dtype, divided in it: what mergekit's
+                    # ``masked * (before / after)`` computes, up to its own summation order
+                    b = torch.cat(before).sum().to(self._dtype)
+                    a = torch.cat(after).sum().to(self._dtype)
+                self._factors[i] = b / a if b >= _RESCALE_EPS and a >= _RESCALE_EPS else None
+                self._selectors[i].rewind()
+            self._l1 = []
+            self._phase = "ready"
+            return
+        if self._phase == "select" and not any(s is not None and s.needs_pass() for s in self._selectors):
+            if self.rescale and any(s is not None for s in self._selectors):
+                self._phase = "norms"
+                self._l1 = [([], []) for _ in self.densities]
+            else:
+                self._phase = "ready"
+
+    def run(self, tensors: Sequence[Tensor], base: Tensor) -> TrimState:
+        """All passes over a whole tensor given as one chunk."""
+        while self.needs_pass():
+            self.observe(tensors, base)
+            self.end_pass()
+        return self
+
+    def sparsify(self, delta: Tensor, i: int) -> Tensor:
+        """Trim the next row chunk of model ``i``'s task vector (chunks in order, after the passes)."""
+        assert not self.needs_pass()
+        k = self.densities[i]
+        if k >= 1:
+            return delta
+        if k <= 0:
+            return torch.zeros_like(delta)
+        sel = self._selectors[i]
+        if sel is None:  # every nonzero entry is kept: the trim (and its rescale) is the identity
+            return delta
+        masked = delta * sel.mask(delta)
+        factor = self._factors[i]
+        return masked.mul_(factor.to(masked.device)) if self.rescale and factor is not None else masked
