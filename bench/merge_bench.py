@@ -124,6 +124,8 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--memory-budget", default="256MiB")
     p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--ties-densities", type=float, nargs="+", default=[0.5, 0.005],
+                   help="0.5 keeps every RLVR update (1%% of entries); 0.005 needs the exact threshold")
     args = p.parse_args()
     work = Path(args.workdir).resolve()
     shape = LlamaShape(hidden=1024, layers=args.layers, heads=16, kv_heads=4, intermediate=4096, vocab=32000)
@@ -153,28 +155,32 @@ def main() -> int:
     runs.append(measure("sar-dist task_arithmetic (local executor)",
                         [py, "-m", "sar_dist.cli", "merge", str(config("task_arithmetic", ta_out, "{weight: 1.0}")),
                          "--executor", "local", "--memory-budget", args.memory_budget], read_bytes))
-    ties_cfg = config("ties", work / "merged-ties", "{weight: 1.0, density: 0.5}")
-    drop_output(work / "merged-ties")
-    runs.append(measure("sar-dist ties (ray executor, 2 CPUs)",
-                        [py, "-m", "sar_dist.cli", "merge", str(ties_cfg), "--memory-budget", "2GiB"], read_bytes,
-                        env={"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}))
-    if not args.skip_mergekit:
-        mk_out = work / "merged-ties-mergekit"
-        drop_output(mk_out)
-        mk_cfg = work / "ties-mergekit.yaml"
-        mk_cfg.write_text(ties_cfg.read_text().replace(f"output: {work / 'merged-ties'}\n", ""))
-        runs.append(measure("mergekit 0.1.5 ties (mergekit-yaml, CPU)",
-                            [str(bindir / "mergekit-yaml"), str(mk_cfg), str(mk_out), "--copy-tokenizer"],
-                            read_bytes))
+    for density in args.ties_densities:
+        tag = f"ties-d{density}"
+        ties_cfg = config("ties", work / f"merged-{tag}", f"{{weight: 1.0, density: {density}}}")
+        ties_cfg = ties_cfg.rename(work / f"{tag}.yaml")
+        drop_output(work / f"merged-{tag}")
+        runs.append(measure(f"sar-dist ties density {density} (ray executor, 2 CPUs)",
+                            [py, "-m", "sar_dist.cli", "merge", str(ties_cfg), "--memory-budget", args.memory_budget],
+                            read_bytes, env={"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}))
+        if not args.skip_mergekit:
+            mk_out = work / f"merged-{tag}-mergekit"
+            drop_output(mk_out)
+            mk_cfg = work / f"{tag}-mergekit.yaml"
+            mk_cfg.write_text("".join(line for line in ties_cfg.read_text().splitlines(True)
+                                      if not line.startswith("output:")))
+            runs.append(measure(f"mergekit 0.1.5 ties density {density} (mergekit-yaml, CPU)",
+                                [str(bindir / "mergekit-yaml"), str(mk_cfg), str(mk_out)], read_bytes))
     results["runs"] = runs
     by = {r["name"].split(" (")[0]: r for r in runs}
     cat = by["cat inputs > /dev/null"]["wall_s"]
     ratios = {"task_arithmetic_wall_vs_cat": round(by["sar-dist task_arithmetic"]["wall_s"] / cat, 2)}
-    if "mergekit 0.1.5 ties" in by:
-        mk, sd = by["mergekit 0.1.5 ties"], by["sar-dist ties"]
-        ratios["mergekit_ties_wall_over_sar_dist"] = round(mk["wall_s"] / sd["wall_s"], 2)
-        ratios["sar_dist_ties_peak_max_process_over_mergekit"] = round(
-            sd["peak_rss_max_process_mb"] / mk["peak_rss_max_process_mb"], 2)
+    for density in args.ties_densities:
+        mk, sd = by.get(f"mergekit 0.1.5 ties density {density}"), by[f"sar-dist ties density {density}"]
+        if mk:
+            ratios[f"ties_d{density}_mergekit_wall_over_sar_dist"] = round(mk["wall_s"] / sd["wall_s"], 2)
+            ratios[f"ties_d{density}_sar_dist_peak_max_process_over_mergekit"] = round(
+                sd["peak_rss_max_process_mb"] / mk["peak_rss_max_process_mb"], 2)
     results["ratios"] = ratios
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(ratios, indent=2))

@@ -18,6 +18,11 @@ import torch
 # the same auth mode for every Ray process the tests start (mixing modes breaks joins)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+# dummy credentials for the loopback S3 server, set before any Ray worker starts (workers
+# inherit the environment Ray was started with); real credentials never reach the tests
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+for _var in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    os.environ.pop(_var, None)
 
 from sar_dist.storage import Storage  # noqa: E402
 from sar_dist.synthetic import LlamaShape, make_base, make_finetune  # noqa: E402
@@ -69,18 +74,11 @@ def s3_server():
     """moto's S3 API server on loopback; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

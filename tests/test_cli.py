@@ -223,3 +223,16 @@ def test_unreachable_storage_exits_2(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "base model s3://nobucket/base: cannot reach it" in r.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_json_events_for_orchestrators(tmp_path, tiny_models):
+    cfg = _ta_config(tmp_path, tiny_models, str(tmp_path / "out"), extra="out_shard_size: 15000\n")
+    r = run_cli("merge", cfg, "--executor", "local", "--json")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "committed"
+    assert kinds.count("shard_done") == 5 and kinds.count("tensor_done") == 21
+    last_shard = [e for e in events if e["event"] == "shard_done"][-1]
+    assert last_shard["shards_done"] == 5 and last_shard["tensors_done"] == 21
+    assert last_shard["bytes_done"] == last_shard["bytes_total"] and last_shard["eta_s"] == 0

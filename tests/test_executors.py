@@ -134,3 +134,52 @@ def test_merged_model_loads_with_transformers(tmp_path, tiny_models):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 9, 2]])).logits
     assert logits.shape == (1, 4, 128) and torch.isfinite(logits).all()
+
+
+def test_ray_worker_killed_mid_shard_is_retried(tmp_path, ray_local):
+    """SIGKILL the worker process running a shard task: Ray retries it, the output is identical."""
+    import signal
+    import threading
+
+    import psutil
+
+    from sar_dist.synthetic import LlamaShape, make_base, make_finetune
+
+    storage = Storage()
+    shape = LlamaShape(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=2048)
+    models = {"base": str(tmp_path / "base")}
+    make_base(storage, models["base"], shape, tokenizer=False)
+    for i, k in enumerate(("ft1", "ft2", "ft3")):
+        models[k] = str(tmp_path / k)
+        make_finetune(storage, models["base"], models[k], seed=i + 1, density=0.05)
+    params = {"parameters": {"density": 0.02, "weight": 1.0, "rescale": True}}
+    ref = str(tmp_path / "ref")
+    _run(_job(models, ref, "ties", out_shard_size=2_000_000, **params), "local")
+
+    killed: list[str] = []
+    done = threading.Event()
+
+    def killer() -> None:
+        while not done.is_set() and len(killed) < 2:
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                title = " ".join(p.info["cmdline"] or [])
+                if title.startswith("ray::sar-dist:model-"):
+                    try:
+                        p.send_signal(signal.SIGKILL)
+                        killed.append(title)
+                    except psutil.NoSuchProcess:
+                        pass
+                    done.wait(0.3)
+                    break
+            done.wait(0.005)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        out = str(tmp_path / "out")
+        _run(_job(models, out, "ties", out_shard_size=2_000_000, **params), "ray")
+    finally:
+        done.set()
+        thread.join()
+    assert killed, "no shard task was running to kill"
+    assert _shard_files(out) == _shard_files(ref)

@@ -116,6 +116,11 @@ def keyed_uniform(ctx: TensorContext, model_index: int, numel: int, device: torc
 
 # For IEEE floats, |x| orders like its bit pattern read as an integer (NaN above inf, as in sort),
 # which is what MagnitudeSelector selects on.
+def num_nonzero_ok(num_nonzero: int, num_keep: int) -> bool:
+    """Whether the top ``num_keep`` can be chosen among ``num_nonzero`` nonzero entries alone."""
+    return 0 < num_keep < num_nonzero
+
+
 class MagnitudeSelector:
     """Exact top-k of ``|x|`` over a tensor seen in pieces, in flattened order, over several passes.
 
@@ -143,6 +148,21 @@ class MagnitudeSelector:
         self._hist: Tensor | None = None
         self._trivial = num_keep <= 0 or num_keep >= numel
         self._remaining_at_threshold = num_keep
+
+    def resolve_from_values(self, magnitudes: Tensor) -> None:
+        """Fix the threshold from every entry that can be kept, without passes.
+
+        Args:
+            magnitudes: ``|x|`` of all nonzero entries of the whole tensor (any order), in the
+                pieces' dtype; the zeros it leaves out are never among the kept ones because
+                ``num_keep`` is below their count.
+        """
+        assert not self._trivial and num_nonzero_ok(magnitudes.numel(), self.num_keep)
+        threshold = torch.kthvalue(magnitudes.reshape(-1), magnitudes.numel() - self.num_keep + 1).values
+        self._prefix = int(self._bits(threshold.reshape(1))[0])
+        self._remaining = self.num_keep - int((magnitudes > threshold).sum())
+        self._remaining_at_threshold = self._remaining
+        self._shift = -1
 
     def needs_pass(self) -> bool:
         """Whether another resolving pass over all pieces is needed."""

@@ -6,7 +6,9 @@ Per model ``i`` with ``0 < k_i < 1``: keep the ``max(1, int(k_i * numel))`` larg
 ``masked * (||d_i||_1 / ||masked||_1)`` (METHODS.md). Passes, each over all row chunks in order:
 1. count the nonzero entries of each ``d_i``: when every nonzero entry is kept anyway (RLVR task
    vectors are mostly exact zeros) the trim is the identity and needs no threshold;
-2. radix-select the exact threshold (``ops.MagnitudeSelector``: 2 passes for fp32, 1 for bf16);
+2. find the exact threshold: one ``kthvalue`` over the nonzero magnitudes kept from pass 1 when
+   they are few (at most max(2**20, numel/8) per model), else a radix select on the float bits
+   (``ops.MagnitudeSelector``: 2 passes for fp32, 1 for bf16);
 3. with ``rescale``: both L1 norms, as float64 sums of per-row float64 sums (identical for any
    chunking and thread count), then rounded to the compute dtype as mergekit's sums are.
 Then the merge runs chunk by chunk with :meth:`TrimState.sparsify`.
@@ -50,6 +52,9 @@ class TrimState:
         self._factors: list[Tensor | None] = [None] * len(self.densities)
         self._phase = "count" if any(self._trimmed) else "ready"
         self._l1: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._values: list[list[Tensor] | None] = [[] for _ in self.densities]
+        self._num_values = [0] * len(self.densities)
+        self._max_values = max(2**20, numel // 8)  # nonzero magnitudes kept per model for selection
 
     def needs_pass(self) -> bool:
         """Whether another pass over all row chunks (in order) is needed."""
@@ -57,12 +62,22 @@ class TrimState:
 
     def observe(self, tensors: Sequence[Tensor], base: Tensor) -> None:
         """Feed one row chunk of the inputs (compute dtype) during a pass."""
-        for i, x in enumerate(tensors):
-            if not self._trimmed[i]:
+        self._observe_deltas([x - base if self._trimmed[i] else None for i, x in enumerate(tensors)])
+
+    def _observe_deltas(self, deltas: Sequence[Tensor | None]) -> None:
+        for i, d in enumerate(deltas):
+            if d is None:
                 continue
-            d = x - base
             if self._phase == "count":
-                self._nonzero[i] += int(torch.count_nonzero(d))
+                nz = d[d != 0]
+                self._nonzero[i] += nz.numel()
+                # keep the nonzero magnitudes while they are few (sparse RLVR updates): the exact
+                # threshold is then one selection on them, with no radix passes
+                if self._values[i] is not None and self._num_values[i] + nz.numel() <= self._max_values:
+                    self._values[i].append(nz.abs())
+                    self._num_values[i] += nz.numel()
+                else:
+                    self._values[i] = None
             elif self._phase == "select":
                 sel = self._selectors[i]
                 if sel is not None and sel.needs_pass():
@@ -78,7 +93,11 @@ class TrimState:
             for i, k in enumerate(self.densities):
                 keep = max(1, int(k * self.numel))
                 if self._trimmed[i] and keep < self._nonzero[i]:
-                    self._selectors[i] = ops.MagnitudeSelector(self.numel, keep, self._dtype, self._device)
+                    sel = ops.MagnitudeSelector(self.numel, keep, self._dtype, self._device)
+                    if self._values[i] is not None:
+                        sel.resolve_from_values(torch.cat(self._values[i]))
+                    self._selectors[i] = sel
+            self._values = []
             self._phase = "select"
         elif self._phase == "select":
             for sel in self._selectors:
@@ -106,9 +125,12 @@ class TrimState:
                 self._phase = "ready"
 
     def run(self, tensors: Sequence[Tensor], base: Tensor) -> TrimState:
-        """All passes over a whole tensor given as one chunk."""
+        """All passes over a whole tensor given as one chunk (its task vectors computed once)."""
+        if not self.needs_pass():
+            return self
+        deltas = [x - base if self._trimmed[i] else None for i, x in enumerate(tensors)]
         while self.needs_pass():
-            self.observe(tensors, base)
+            self._observe_deltas(deltas)
             self.end_pass()
         return self
 
