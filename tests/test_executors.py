@@ -31,7 +31,7 @@ def _job(models: dict[str, str], out: str, method: str = "ties", **extra) -> Mer
         "models": [{"model": models[k]} for k in ("ft1", "ft2", "ft3")],
         "output": out,
         "seed": 7,
-        **METHOD_CONFIGS[method],
+        **METHOD_CONFIGS.get(method, {}),
         **extra,
     }
     return MergeJob.from_dict(d, where="test")
@@ -65,6 +65,8 @@ def test_local_and_ray_write_identical_bytes(tmp_path, tiny_models, ray_local, m
     ("ties", {"density": 0.02, "weight": 1.0, "rescale": True}, None),  # exact threshold in passes
     ("ties", {"density": 0.02, "weight": 1.0}, "bfloat16"),
     ("ties", {"density": 0.5, "weight": 1.0}, None),  # every nonzero delta kept: no threshold pass
+    ("dare_ties", {"density": 0.5, "weight": 1.0}, None),  # L1 rescale norms in a pass
+    ("dare_linear", {"density": 0.3, "weight": 0.8}, "bfloat16"),
 ])
 def test_chunked_equals_whole(tmp_path, tiny_models, method, params, dtype):
     whole, chunked = str(tmp_path / "whole"), str(tmp_path / "chunked")

@@ -44,7 +44,7 @@ def _units(task: ShardTask) -> Iterator[Unit]:
             yield job, rows
 
 
-def gather_state(method: MergeMethod, job: TensorJob, storage: Storage, device: str) -> Any:
+def gather_state(method: MergeMethod, job: TensorJob, storage: Storage, device: str, seed: int) -> Any:
     """Whole-tensor statistics of a chunked tensor, in passes over its row blocks.
 
     Each pass reads the blocks again (one block in memory at a time), so a tensor of any
@@ -52,11 +52,13 @@ def gather_state(method: MergeMethod, job: TensorJob, storage: Storage, device: 
     """
     compute = DTYPES[job.compute_dtype][0]
     state = method.state(job.params, math.prod(job.shape), compute, device)
+    row_elems = math.prod(job.shape[1:])
     while state.needs_pass():
         for rows in _row_ranges(job):
             tensors = [read_tensor(storage, ref, rows).to(device=device, dtype=compute) for ref in job.sources]
             base = tensors.pop(0) if job.base is not None else None
-            state.observe(tensors[: len(job.inputs)], base)
+            ctx = TensorContext(name=job.name, seed=seed, offset=(rows[0] if rows else 0) * row_elems)
+            state.observe(tensors[: len(job.inputs)], base, ctx)
             del tensors, base
         state.end_pass()
     return state
@@ -135,7 +137,7 @@ def run_shard_task(task: ShardTask, on_tensor: Callable[[TensorJob], None] | Non
             raw = pending.result()
             job, rows = unit
             if rows is not None and rows[0] == 0 and method.state is not None and job.params is not None:
-                state = gather_state(method, job, storage, task.device)  # before its first block
+                state = gather_state(method, job, storage, task.device, task.seed)  # before its first block
             pending = pool.submit(_read_unit, storage, units[i + 1]) if i + 1 < len(units) else None
             out = merge_unit(method, unit, raw, task.seed, task.device, state if rows is not None else None)
             del raw

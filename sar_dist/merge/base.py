@@ -102,7 +102,7 @@ class MergeMethod:
             as a top-k threshold or a norm); such tensors may be processed in row chunks.
         state: for methods that need whole-tensor statistics, ``state(params, numel, dtype,
             device)`` makes an object gathering them in passes over the row chunks
-            (``needs_pass()``, ``observe(tensors, base)`` per chunk in order, ``end_pass()``);
+            (``needs_pass()``, ``observe(tensors, base, ctx)`` per chunk in order, ``end_pass()``);
             ``fn(..., state=s)`` then merges the chunks in order, exactly as the whole tensor.
             Such tensors may also be processed in row chunks.
     """

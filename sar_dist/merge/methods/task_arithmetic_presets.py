@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from sar_dist.merge import ops
 from sar_dist.merge.base import TensorContext, method_param, per_model
 from sar_dist.merge.methods.task_arithmetic import TaskArithmeticParams, generalized_task_arithmetic
+from sar_dist.merge.methods.trim import DropState
 
 DARE_URL = "https://arxiv.org/abs/2311.03099"
 BREADCRUMBS_URL = "https://arxiv.org/abs/2312.06795"
@@ -60,14 +62,25 @@ class DellaParams(DellaLinearParams):
     normalize: bool = method_param("normalize", True)
 
 
-def _dare(tensors: Sequence[Tensor], base: Tensor, p: DareLinearParams, ctx: TensorContext, elect: bool) -> Tensor:
-    def sparsify(d: Tensor, i: int) -> Tensor:
-        return ops.random_sparsify(d, p.densities[i], p.rescale, ctx=ctx, model_index=i)
-
-    return generalized_task_arithmetic(tensors, base, p, sparsify=sparsify, elect=elect)
+def dare_state(p: DareLinearParams, numel: int, dtype: torch.dtype, device: torch.device | str) -> DropState:
+    """The whole-tensor rescale statistics DARE needs, for a chunked run (see ``trim.py``)."""
+    return DropState(p.densities, p.rescale, numel, dtype, device)
 
 
-def dare_linear(tensors: Sequence[Tensor], base: Tensor, p: DareLinearParams, *, ctx: TensorContext) -> Tensor:
+def _dare(
+    tensors: Sequence[Tensor], base: Tensor, p: DareLinearParams, ctx: TensorContext, elect: bool,
+    state: DropState | None,
+) -> Tensor:
+    if state is None:  # the whole tensor is here: its rescale norms come from it
+        state = dare_state(p, base.numel(), base.dtype, base.device).run(tensors, base, ctx)
+    return generalized_task_arithmetic(
+        tensors, base, p, sparsify=lambda d, i: state.sparsify(d, i, ctx), elect=elect
+    )
+
+
+def dare_linear(
+    tensors: Sequence[Tensor], base: Tensor, p: DareLinearParams, *, ctx: TensorContext, state: DropState | None = None
+) -> Tensor:
     """DARE with a linear sum (arXiv 2311.03099, https://arxiv.org/abs/2311.03099).
 
     Keep each entry of ``d_i`` with probability ``k_i`` (keyed by seed, tensor, model, block), L1-rescale,
@@ -78,14 +91,18 @@ def dare_linear(tensors: Sequence[Tensor], base: Tensor, p: DareLinearParams, *,
         base: the base model's tensor.
         p: resolved parameters.
         ctx: tensor identity and seed, key the random masks.
+        state: rescale statistics gathered over the whole tensor when the inputs are a block of
+            rows (blocks then come in order); None computes them from the tensors given.
 
     Returns:
         The merged tensor, in ``base``'s dtype.
     """
-    return _dare(tensors, base, p, ctx, elect=False)
+    return _dare(tensors, base, p, ctx, elect=False, state=state)
 
 
-def dare_ties(tensors: Sequence[Tensor], base: Tensor, p: DareTiesParams, *, ctx: TensorContext) -> Tensor:
+def dare_ties(
+    tensors: Sequence[Tensor], base: Tensor, p: DareTiesParams, *, ctx: TensorContext, state: DropState | None = None
+) -> Tensor:
     """DARE drops with TIES sign election (arXiv 2311.03099, https://arxiv.org/abs/2311.03099).
 
     As ``dare_linear``, then ``mask_i = sign(w_i d_i) == sign(sum_j w_j d_j)`` before summing.
@@ -95,11 +112,13 @@ def dare_ties(tensors: Sequence[Tensor], base: Tensor, p: DareTiesParams, *, ctx
         base: the base model's tensor.
         p: resolved parameters.
         ctx: tensor identity and seed, key the random masks.
+        state: rescale statistics gathered over the whole tensor when the inputs are a block of
+            rows (blocks then come in order); None computes them from the tensors given.
 
     Returns:
         The merged tensor, in ``base``'s dtype.
     """
-    return _dare(tensors, base, p, ctx, elect=True)
+    return _dare(tensors, base, p, ctx, elect=True, state=state)
 
 
 def _breadcrumbs(tensors: Sequence[Tensor], base: Tensor, p: BreadcrumbsParams, elect: bool) -> Tensor:

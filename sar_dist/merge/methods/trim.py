@@ -22,8 +22,19 @@ import torch
 from torch import Tensor
 
 from sar_dist.merge import ops
+from sar_dist.merge.base import TensorContext
 
 _RESCALE_EPS = 1e-7  # mergekit's floor on both L1 norms before rescaling
+
+
+def _factor(before: list[Tensor], after: list[Tensor], dtype: torch.dtype) -> Tensor | None:
+    """``||d||_1 / ||masked||_1`` from per-row float64 sums, as mergekit's rescale computes it."""
+    with ops.one_thread():
+        # exact-ish sums rounded to the compute dtype, divided in it: what mergekit's
+        # ``masked * (before / after)`` computes, up to its own summation order
+        b = torch.cat(before).sum().to(dtype)
+        a = torch.cat(after).sum().to(dtype)
+    return b / a if b >= _RESCALE_EPS and a >= _RESCALE_EPS else None
 
 
 def _row_l1(x: Tensor) -> Tensor:
@@ -60,8 +71,8 @@ class TrimState:
         """Whether another pass over all row chunks (in order) is needed."""
         return self._phase != "ready"
 
-    def observe(self, tensors: Sequence[Tensor], base: Tensor) -> None:
-        """Feed one row chunk of the inputs (compute dtype) during a pass."""
+    def observe(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext | None = None) -> None:
+        """Feed one row chunk of the inputs (compute dtype) during a pass (``ctx`` unused)."""
         self._observe_deltas([x - base if self._trimmed[i] else None for i, x in enumerate(tensors)])
 
     def _observe_deltas(self, deltas: Sequence[Tensor | None]) -> None:
@@ -107,12 +118,7 @@ class TrimState:
             for i, (before, after) in enumerate(self._l1):
                 if self._selectors[i] is None:
                     continue
-                with ops.one_thread():
-                    # exact-ish sums rounded to the compute dtype, divided in it: what mergekit's
-                    # ``masked * (before / after)`` computes, up to its own summation order
-                    b = torch.cat(before).sum().to(self._dtype)
-                    a = torch.cat(after).sum().to(self._dtype)
-                self._factors[i] = b / a if b >= _RESCALE_EPS and a >= _RESCALE_EPS else None
+                self._factors[i] = _factor(before, after, self._dtype)
                 self._selectors[i].rewind()
             self._l1 = []
             self._phase = "ready"
@@ -146,5 +152,71 @@ class TrimState:
         if sel is None:  # every nonzero entry is kept: the trim (and its rescale) is the identity
             return delta
         masked = delta * sel.mask(delta)
+        factor = self._factors[i]
+        return masked.mul_(factor.to(masked.device)) if self.rescale and factor is not None else masked
+
+
+class DropState:
+    """DARE's L1 rescale as whole-tensor statistics, so DARE runs in row chunks too.
+
+    The keyed Bernoulli mask (``u < k_i``, ``ops.keyed_uniform`` at ``ctx.offset``) is elementwise;
+    only the rescale factor ``||d_i||_1 / ||d_i * mask_i||_1`` needs the whole tensor: one pass of
+    per-row float64 L1 sums, as in :class:`TrimState`.
+
+    Args:
+        densities: keep probability ``k_i`` per model.
+        rescale: whether to L1-rescale.
+        numel: elements in the whole tensor (unused: the mask is elementwise).
+        dtype: compute dtype.
+        device: compute device.
+    """
+
+    def __init__(self, densities: Sequence[float], rescale: bool, numel: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.densities, self.rescale = tuple(densities), rescale
+        self._dtype = dtype
+        self._dropped = [k < 1 for k in self.densities]
+        self._factors: list[Tensor | None] = [None] * len(self.densities)
+        self._l1: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self.densities]
+        self._pending = rescale and any(self._dropped)
+
+    def needs_pass(self) -> bool:
+        """Whether the norms pass over all row chunks is still needed."""
+        return self._pending
+
+    def _mask(self, d: Tensor, i: int, ctx: TensorContext) -> Tensor:
+        return ops.keyed_uniform(ctx, i, d.numel(), d.device).view(d.shape) < self.densities[i]
+
+    def observe(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext | None = None) -> None:
+        """Feed one row chunk (``ctx.offset`` at its first element)."""
+        assert ctx is not None, "the drop mask is keyed by the tensor context"
+        for i, x in enumerate(tensors):
+            if self._dropped[i]:
+                d = x - base
+                before, after = self._l1[i]
+                before.append(_row_l1(d))
+                after.append(_row_l1(d * self._mask(d, i, ctx)))
+
+    def end_pass(self) -> None:
+        """Close the norms pass."""
+        for i, (before, after) in enumerate(self._l1):
+            if self._dropped[i]:
+                self._factors[i] = _factor(before, after, self._dtype)
+        self._l1 = []
+        self._pending = False
+
+    def run(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext) -> DropState:
+        """The pass over a whole tensor given as one chunk."""
+        while self.needs_pass():
+            self.observe(tensors, base, ctx)
+            self.end_pass()
+        return self
+
+    def sparsify(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
+        """Drop entries of the next row chunk of model ``i``'s task vector (after the pass)."""
+        assert not self.needs_pass()
+        if not self._dropped[i]:
+            return delta
+        masked = delta * self._mask(delta, i, ctx)
         factor = self._factors[i]
         return masked.mul_(factor.to(masked.device)) if self.rescale and factor is not None else masked
