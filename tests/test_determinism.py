@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sar_dist.merge.base import TensorContext
-from sar_dist.merge.ops import magnitude_sparsify, masked_rescale, topk_magnitude_mask
+from sar_dist.merge.methods.trim import magnitude_sparsify
+from sar_dist.merge.ops import masked_rescale, topk_magnitude_mask
 from sar_dist.merge.registry import get_method
 from sar_dist.plan.params import resolve
 

@@ -8,6 +8,7 @@ never trusts them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -170,8 +171,6 @@ def verify_output(storage: Storage, output: str) -> list[str]:
     Raises:
         ValueError: no manifest (not a complete merge).
     """
-    import hashlib
-
     manifest = read_manifest(storage, output)
     if manifest is None:
         raise ValueError(f"{display_url(output)}: no {MANIFEST_NAME}: not a complete sar-dist merge")

@@ -12,7 +12,7 @@ deterministic.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -116,11 +116,6 @@ def keyed_uniform(ctx: TensorContext, model_index: int, numel: int, device: torc
 
 # For IEEE floats, |x| orders like its bit pattern read as an integer (NaN above inf, as in sort),
 # which is what MagnitudeSelector selects on.
-def num_nonzero_ok(num_nonzero: int, num_keep: int) -> bool:
-    """Whether the top ``num_keep`` can be chosen among ``num_nonzero`` nonzero entries alone."""
-    return 0 < num_keep < num_nonzero
-
-
 class MagnitudeSelector:
     """Exact top-k of ``|x|`` over a tensor seen in pieces, in flattened order, over several passes.
 
@@ -157,7 +152,7 @@ class MagnitudeSelector:
                 pieces' dtype; the zeros it leaves out are never among the kept ones because
                 ``num_keep`` is below their count.
         """
-        assert not self._trivial and num_nonzero_ok(magnitudes.numel(), self.num_keep)
+        assert not self._trivial and 0 < self.num_keep < magnitudes.numel()
         threshold = torch.kthvalue(magnitudes.reshape(-1), magnitudes.numel() - self.num_keep + 1).values
         self._prefix = int(self._bits(threshold.reshape(1))[0])
         self._remaining = self.num_keep - int((magnitudes > threshold).sum())
@@ -267,11 +262,31 @@ def one_thread() -> Iterator[None]:
 # --------------------------------------------------------------------------- sparsifiers
 
 
+def row_l1(x: Tensor) -> Tensor:
+    """Per-row float64 L1 sums (rows = first dimension): the same values however a tensor is
+    cut into row blocks, and for any thread count (each row is reduced by one thread)."""
+    rows = x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
+    return rows.abs().sum(dim=1, dtype=torch.float64)
+
+
+def rescale_factor(before: Sequence[Tensor], after: Sequence[Tensor], dtype: torch.dtype) -> Tensor | None:
+    """``||d||_1 / ||masked||_1`` from :func:`row_l1` pieces, or None when either is below 1e-7.
+
+    The float64 sums are rounded to the compute dtype and divided in it, which is what mergekit's
+    ``masked * (before / after)`` computes, up to its own summation order.
+    """
+    with one_thread():
+        b = torch.cat(list(before)).sum().to(dtype)
+        a = torch.cat(list(after)).sum().to(dtype)
+    return b / a if b >= _RESCALE_EPS and a >= _RESCALE_EPS else None
+
+
 def masked_rescale(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
     """Apply a keep-mask, optionally matching the L1 norm of the unmasked tensor.
 
-    Computed in ``delta``'s dtype, as mergekit does: ``masked * (||delta||_1 / ||masked||_1)``,
-    skipped when either norm is below 1e-7.
+    ``masked * (||delta||_1 / ||masked||_1)`` (mergekit's L1 rescale), skipped when either norm is
+    below 1e-7; the factor comes from :func:`rescale_factor`, the one rescale formula of every
+    sparsifier, whole-tensor or in row blocks.
 
     Args:
         delta: the task vector.
@@ -285,36 +300,8 @@ def masked_rescale(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
     masked = delta * mask
     if not rescale:
         return masked
-    with one_thread():  # the same bits whatever executor or thread count
-        before = delta.abs().sum()
-        after = masked.abs().sum()
-    if before < _RESCALE_EPS or after < _RESCALE_EPS:
-        return masked
-    return masked.mul_(before / after)
-
-
-def magnitude_sparsify(delta: Tensor, density: float, rescale: bool) -> Tensor:
-    """TIES trim: keep the ``max(1, int(density * numel))`` largest-magnitude entries.
-
-    Args:
-        delta: the task vector.
-        density: fraction to keep; >= 1 returns ``delta`` unchanged (no rescale), <= 0 zeros.
-        rescale: L1-norm rescale after masking.
-
-    Returns:
-        The sparsified tensor, in ``delta``'s dtype.
-    """
-    if density >= 1:
-        return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    num_keep = max(1, int(density * delta.numel()))
-    if num_keep >= int(torch.count_nonzero(delta)):
-        # RLVR task vectors are mostly exact zeros: when every nonzero entry is among the
-        # kept ones, the trimmed tensor is the tensor itself (the extra kept entries are
-        # zeros) and its L1 norm is unchanged, so the rescale factor would be exactly 1.
-        return delta
-    return masked_rescale(delta, topk_magnitude_mask(delta, num_keep), rescale)
+    factor = rescale_factor([row_l1(delta)], [row_l1(masked)], delta.dtype)
+    return masked if factor is None else masked.mul_(factor)
 
 
 def magnitude_outliers_sparsify(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
@@ -346,6 +333,11 @@ def magnitude_outliers_sparsify(delta: Tensor, density: float, gamma: float, res
     return masked_rescale(delta, mask, rescale)
 
 
+def keyed_keep_mask(delta: Tensor, density: float, ctx: TensorContext, model_index: int) -> Tensor:
+    """DARE's keep-mask ``u < density`` from the keyed uniform stream at ``ctx.offset``."""
+    return keyed_uniform(ctx, model_index, delta.numel(), delta.device).view(delta.shape) < density
+
+
 def random_sparsify(delta: Tensor, density: float, rescale: bool, *, ctx: TensorContext, model_index: int) -> Tensor:
     """DARE drop: keep each entry with probability ``density`` (keyed Bernoulli mask ``u < density``).
 
@@ -361,8 +353,7 @@ def random_sparsify(delta: Tensor, density: float, rescale: bool, *, ctx: Tensor
     """
     if density >= 1:
         return delta
-    u = keyed_uniform(ctx, model_index, delta.numel(), delta.device).view(delta.shape)
-    return masked_rescale(delta, u < density, rescale)
+    return masked_rescale(delta, keyed_keep_mask(delta, density, ctx, model_index), rescale)
 
 
 def della_sparsify(

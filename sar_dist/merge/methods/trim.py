@@ -24,23 +24,6 @@ from torch import Tensor
 from sar_dist.merge import ops
 from sar_dist.merge.base import TensorContext
 
-_RESCALE_EPS = 1e-7  # mergekit's floor on both L1 norms before rescaling
-
-
-def _factor(before: list[Tensor], after: list[Tensor], dtype: torch.dtype) -> Tensor | None:
-    """``||d||_1 / ||masked||_1`` from per-row float64 sums, as mergekit's rescale computes it."""
-    with ops.one_thread():
-        # exact-ish sums rounded to the compute dtype, divided in it: what mergekit's
-        # ``masked * (before / after)`` computes, up to its own summation order
-        b = torch.cat(before).sum().to(dtype)
-        a = torch.cat(after).sum().to(dtype)
-    return b / a if b >= _RESCALE_EPS and a >= _RESCALE_EPS else None
-
-
-def _row_l1(x: Tensor) -> Tensor:
-    rows = x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
-    return rows.abs().sum(dim=1, dtype=torch.float64)  # per-row: chunking-independent
-
 
 class TrimState:
     """Whole-tensor statistics of the magnitude trim of each model's task vector.
@@ -95,8 +78,8 @@ class TrimState:
                     sel.observe(d)
             elif self._phase == "norms" and self._selectors[i] is not None:
                 before, after = self._l1[i]
-                before.append(_row_l1(d))
-                after.append(_row_l1(d * self._selectors[i].mask(d)))
+                before.append(ops.row_l1(d))
+                after.append(ops.row_l1(d * self._selectors[i].mask(d)))
 
     def end_pass(self) -> None:
         """Close a pass: decide the next one."""
@@ -118,7 +101,7 @@ class TrimState:
             for i, (before, after) in enumerate(self._l1):
                 if self._selectors[i] is None:
                     continue
-                self._factors[i] = _factor(before, after, self._dtype)
+                self._factors[i] = ops.rescale_factor(before, after, self._dtype)
                 self._selectors[i].rewind()
             self._l1 = []
             self._phase = "ready"
@@ -134,7 +117,10 @@ class TrimState:
         """All passes over a whole tensor given as one chunk (its task vectors computed once)."""
         if not self.needs_pass():
             return self
-        deltas = [x - base if self._trimmed[i] else None for i, x in enumerate(tensors)]
+        return self.run_deltas([x - base if self._trimmed[i] else None for i, x in enumerate(tensors)])
+
+    def run_deltas(self, deltas: Sequence[Tensor | None]) -> TrimState:
+        """All passes over whole task vectors (None for a model that is not trimmed)."""
         while self.needs_pass():
             self._observe_deltas(deltas)
             self.end_pass()
@@ -184,9 +170,6 @@ class DropState:
         """Whether the norms pass over all row chunks is still needed."""
         return self._pending
 
-    def _mask(self, d: Tensor, i: int, ctx: TensorContext) -> Tensor:
-        return ops.keyed_uniform(ctx, i, d.numel(), d.device).view(d.shape) < self.densities[i]
-
     def observe(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext | None = None) -> None:
         """Feed one row chunk (``ctx.offset`` at its first element)."""
         assert ctx is not None, "the drop mask is keyed by the tensor context"
@@ -194,14 +177,14 @@ class DropState:
             if self._dropped[i]:
                 d = x - base
                 before, after = self._l1[i]
-                before.append(_row_l1(d))
-                after.append(_row_l1(d * self._mask(d, i, ctx)))
+                before.append(ops.row_l1(d))
+                after.append(ops.row_l1(d * ops.keyed_keep_mask(d, self.densities[i], ctx, i)))
 
     def end_pass(self) -> None:
         """Close the norms pass."""
         for i, (before, after) in enumerate(self._l1):
             if self._dropped[i]:
-                self._factors[i] = _factor(before, after, self._dtype)
+                self._factors[i] = ops.rescale_factor(before, after, self._dtype)
         self._l1 = []
         self._pending = False
 
@@ -217,6 +200,23 @@ class DropState:
         assert not self.needs_pass()
         if not self._dropped[i]:
             return delta
-        masked = delta * self._mask(delta, i, ctx)
+        masked = delta * ops.keyed_keep_mask(delta, self.densities[i], ctx, i)
         factor = self._factors[i]
         return masked.mul_(factor.to(masked.device)) if self.rescale and factor is not None else masked
+
+
+def magnitude_sparsify(delta: Tensor, density: float, rescale: bool) -> Tensor:
+    """TIES trim of one whole task vector: keep the ``max(1, int(density * numel))`` largest ``|d|``.
+
+    The single-tensor form of :class:`TrimState` (the code ``ties`` runs).
+
+    Args:
+        delta: the task vector.
+        density: fraction to keep; >= 1 returns ``delta`` unchanged (no rescale), <= 0 zeros.
+        rescale: L1-norm rescale after masking.
+
+    Returns:
+        The sparsified tensor, in ``delta``'s dtype.
+    """
+    state = TrimState((density,), rescale, delta.numel(), delta.dtype, delta.device)
+    return state.run_deltas([delta]).sparsify(delta, 0)
