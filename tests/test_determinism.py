@@ -53,3 +53,28 @@ def test_sparse_fast_path_equals_full_selection():
         k = max(1, int(density * d.numel()))
         slow = masked_rescale(d, topk_magnitude_mask(d, k), rescale)
         assert torch.equal(magnitude_sparsify(d, density, rescale), slow)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_kept", [0, 2**22])  # 0 forces the radix passes over row blocks
+def test_trim_in_row_blocks_equals_whole(monkeypatch, dtype, max_kept):
+    from sar_dist.merge.methods import trim
+
+    monkeypatch.setattr(trim, "MAX_KEPT_MAGNITUDES", max_kept)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 40, generator=g).to(dtype)
+    models = [base + (0.01 * torch.randn(300, 40, generator=g) * (torch.rand(300, 40, generator=g) < 0.2)).to(dtype)
+              for _ in range(2)]
+    models[1][:50] = base[:50] + 0.01  # many equal magnitudes: the tie-break crosses blocks
+    whole = trim.TrimState((0.05, 0.03), True, base.numel(), dtype, "cpu").run(models, base)
+    expected = [whole.sparsify(m - base, i) for i, m in enumerate(models)]
+    state = trim.TrimState((0.05, 0.03), True, base.numel(), dtype, "cpu")
+    blocks = [(r, min(300, r + 37)) for r in range(0, 300, 37)]
+    while state.needs_pass():
+        for r0, r1 in blocks:
+            state.observe([m[r0:r1] for m in models], base[r0:r1])
+        state.end_pass()
+    for i, m in enumerate(models):
+        got = torch.cat([state.sparsify(m[r0:r1] - base[r0:r1], i) for r0, r1 in blocks])
+        assert torch.equal(got, expected[i])
+        assert int((got != 0).sum()) == max(1, int((0.05, 0.03)[i] * base.numel()))

@@ -7,7 +7,7 @@ Per model ``i`` with ``0 < k_i < 1``: keep the ``max(1, int(k_i * numel))`` larg
 1. count the nonzero entries of each ``d_i``: when every nonzero entry is kept anyway (RLVR task
    vectors are mostly exact zeros) the trim is the identity and needs no threshold;
 2. find the exact threshold: one ``kthvalue`` over the nonzero magnitudes kept from pass 1 when
-   they are few (at most max(2**20, numel/8) per model), else a radix select on the float bits
+   they are few (at most 2**22 per model: 16 MiB in fp32, whatever the tensor size), else a radix select on the float bits
    (``ops.MagnitudeSelector``: 2 passes for fp32, 1 for bf16);
 3. with ``rescale``: both L1 norms, as float64 sums of per-row float64 sums (identical for any
    chunking and thread count), then rounded to the compute dtype as mergekit's sums are.
@@ -23,6 +23,10 @@ from torch import Tensor
 
 from sar_dist.merge import ops
 from sar_dist.merge.base import TensorContext
+
+MAX_KEPT_MAGNITUDES = 2**22
+"""Nonzero magnitudes a model may keep from the counting pass (a fixed bound, so the memory of
+the state stays small beside the budget even for a 128k x 8192 embedding; more falls back to radix)."""
 
 
 class TrimState:
@@ -48,7 +52,7 @@ class TrimState:
         self._l1: list[tuple[list[Tensor], list[Tensor]]] = []
         self._values: list[list[Tensor] | None] = [[] for _ in self.densities]
         self._num_values = [0] * len(self.densities)
-        self._max_values = max(2**20, numel // 8)  # nonzero magnitudes kept per model for selection
+        self._max_values = MAX_KEPT_MAGNITUDES
 
     def needs_pass(self) -> bool:
         """Whether another pass over all row chunks (in order) is needed."""
