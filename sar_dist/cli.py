@@ -1,4 +1,4 @@
-"""``sar-dist``: merge, inspect and verify checkpoints.
+"""``sar-dist``: merge, Fisher statistics, inspect and verify checkpoints.
 
 Exit codes: 0 done; 2 bad input or config (one line saying what and where, before
 anything is written); 1 any other failure.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,29 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true", help="print the plan as JSON and exit")
     m.add_argument("--force", action="store_true", help="replace a different complete merge at the output")
     m.add_argument("--json", action="store_true", help="print one JSON event per line (for orchestrators)")
+
+    f = sub.add_parser("fisher", help="diagonal Fisher statistics of a model on calibration data (DeepSpeed ZeRO-3 on Ray)")
+    f.add_argument("config", nargs="?", help="Fisher config (YAML); flags override its keys")
+    f.add_argument("--model", help="checkpoint directory URL")
+    f.add_argument("--data", help="calibration JSONL URL")
+    f.add_argument("--output", help="statistics directory URL")
+    f.add_argument("--tokenizer", help="directory with tokenizer.json (default: the model's)")
+    f.add_argument("--num-examples", type=int, help="use at most this many examples")
+    f.add_argument("--max-length", type=int, help="tokens per example (default 2048)")
+    f.add_argument("--overlength", choices=("truncate", "refuse"), help="longer records: truncate (default) or refuse")
+    f.add_argument("--estimator", choices=("empirical", "sampled"), help="targets from the data (default) or the model")
+    f.add_argument("--groups", type=int, help="data-parallel groups (default 1)")
+    f.add_argument("--ranks-per-group", type=int, help="ZeRO-3 ranks per group (default 1)")
+    f.add_argument("--cpus-per-rank", type=int, help="CPUs per rank (default: the cluster's, spread over all ranks)")
+    f.add_argument("--device", choices=("cpu", "cuda"), help="cpu (gloo) or cuda (nccl, a GPU per rank)")
+    f.add_argument("--dtype", choices=("float32", "bfloat16"), help="parameter dtype of the sharded model")
+    f.add_argument("--seed", type=int, help="keys the sampled estimator's draws")
+    f.add_argument("--keep-parts", action="store_const", const=True, help="keep parts/ after the reduce")
+    f.add_argument("--storage-options", help="fsspec options as JSON (no secrets)")
+    f.add_argument("--ray-address", help="Ray cluster address; default: RAY_ADDRESS, else a local Ray")
+    f.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    f.add_argument("--force", action="store_true", help="replace statistics of a different job at the output")
+    f.add_argument("--json", action="store_true", help="print one JSON event per line (for orchestrators)")
 
     i = sub.add_parser("inspect", help="list tensors of a checkpoint from its headers")
     i.add_argument("url", help="checkpoint directory or .safetensors file")
@@ -134,6 +158,79 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fisher_emitter(as_json: bool):
+    def emit(event: dict[str, Any]) -> None:
+        if as_json:
+            print(json.dumps(event), flush=True)
+            return
+        kind = event["event"]
+        if kind == "start":
+            logger.info(
+                "Fisher statistics of %d examples (%d target tokens): %d group(s) x %d rank(s), %s estimator -> %s%s",
+                event["examples_total"], event["target_tokens_total"], event["groups"], event["ranks_per_group"],
+                event["estimator"], event["output"],
+                f" (resuming: {event['parts_resumed']} part(s) done)" if event["parts_resumed"] else "",
+            )
+        elif kind == "progress":
+            eta = event.get("eta_s")
+            logger.info("examples %d/%d, target tokens %d/%d, %.1f tokens/s, ETA %s", event["examples_done"],
+                        event["examples_total"], event["target_tokens_done"], event["target_tokens_total"],
+                        event["tokens_per_s"], f"{eta:.0f}s" if eta is not None else "-")
+        elif kind == "part_done":
+            logger.info("part %d done (%d/%d)", event["part"], event["parts_done"], event["parts_total"])
+        elif kind == "part_retry":
+            logger.warning("part %d failed (%s); restarting it (attempt %d)", event["part"], event["error"],
+                           event["attempt"])
+        elif kind == "committed":
+            logger.info("done: %s (%d examples, L2 norm of the mean %.4g, %.1fs)", event["output"],
+                        event["num_examples"], event["l2_norm_mean"], event["elapsed_s"])
+        elif kind == "already_complete":
+            logger.info("%s already holds these statistics; nothing to do", event["output"])
+    return emit
+
+
+def _cmd_fisher(args: argparse.Namespace) -> int:
+    from sar_dist.fisher.config import FisherJob
+    from sar_dist.fisher.plan import build_fisher_plan
+    from sar_dist.fisher.run import ClusterTooSmall, prepare_output, run_fisher
+
+    try:
+        raw = _load_yaml(args.config) if args.config else {}
+        options = None
+        if args.storage_options is not None:
+            options = json.loads(args.storage_options)
+        overrides = {
+            "model": args.model, "data": args.data, "output": args.output, "tokenizer": args.tokenizer,
+            "num_examples": args.num_examples, "max_length": args.max_length, "overlength": args.overlength,
+            "estimator": args.estimator, "groups": args.groups, "ranks_per_group": args.ranks_per_group,
+            "cpus_per_rank": args.cpus_per_rank, "device": args.device, "dtype": args.dtype, "seed": args.seed,
+            "keep_parts": args.keep_parts, "storage_options": options,
+        }
+        job = FisherJob.from_dict(raw, where=args.config or "flags", **overrides)
+        if job.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available() and not (args.ray_address or os.environ.get("RAY_ADDRESS")):
+                raise BadInput("--device cuda: no CUDA device is visible and no Ray cluster address was given")
+        plan = build_fisher_plan(job)
+        if plan.data.truncated:
+            logger.warning("%d of %d examples were longer than max_length=%d and were truncated",
+                           plan.data.truncated, len(plan.data.examples), job.max_length)
+        prepare_output(plan, force=args.force)
+    except json.JSONDecodeError as e:
+        return _bad_input(f"--storage-options: invalid JSON ({e})")
+    except (BadInput, ValueError) as e:
+        return _bad_input(e)
+    except OSError as e:
+        return _bad_input(f"{e.__class__.__name__}: {e}")
+    try:
+        run_fisher(plan, emit=_fisher_emitter(args.json), ray_address=args.ray_address, num_cpus=args.num_cpus,
+                   force=args.force)
+    except ClusterTooSmall as e:  # checked once Ray is up, before any worker starts
+        return _bad_input(e)
+    return EXIT_OK
+
+
 def _storage(args: argparse.Namespace):
     from sar_dist.config import _check_no_secrets
     from sar_dist.storage import Storage
@@ -216,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[sar-dist] %(message)s", stream=sys.stderr)
     logger.setLevel(logging.INFO)  # our progress lines; other libraries stay at WARNING
-    handlers = {"merge": _cmd_merge, "inspect": _cmd_inspect, "verify": _cmd_verify}
+    handlers = {"merge": _cmd_merge, "fisher": _cmd_fisher, "inspect": _cmd_inspect, "verify": _cmd_verify}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -41,3 +41,16 @@ def read_tensor(storage: Storage, ref: TensorRef, rows: tuple[int, int] | None =
     if nbytes:
         storage.read_into(ref.file, start, memoryview(out.numpy()))
     return out.view(info.torch_dtype).reshape(shape)
+
+
+def read_flat(storage: Storage, ref: TensorRef, start: int, end: int) -> torch.Tensor:
+    """Read elements ``[start, end)`` of a tensor flattened in row-major order (one range read).
+
+    A ZeRO-3 rank loads exactly its own partition of a parameter this way.
+    """
+    info: TensorInfo = ref.info
+    assert 0 <= start <= end <= info.numel, (start, end, info.numel)
+    out = torch.empty((end - start) * info.itemsize, dtype=torch.uint8)
+    if end > start:
+        storage.read_into(ref.file, info.offset + start * info.itemsize, memoryview(out.numpy()))
+    return out.view(info.torch_dtype)

@@ -1,0 +1,90 @@
+"""Plain data that the Fisher driver hands to its workers (picklable, no torch state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE_INDEX = -100  # a label that is not a target (Hugging Face's convention)
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One calibration example, tokenized.
+
+    ``labels`` is aligned with ``input_ids`` (Hugging Face's convention): the target at
+    position t is ``labels[t]``, predicted from ``input_ids[:t]``; position 0 is never a
+    target and ``IGNORE_INDEX`` marks positions that are not.
+
+    Attributes:
+        index: position among the examples used (keys the ``sampled`` estimator's draws).
+        line: 1-based line of the JSONL record it came from (for messages).
+        input_ids: token ids.
+        labels: targets, same length as ``input_ids``.
+    """
+
+    index: int
+    line: int
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    @property
+    def num_targets(self) -> int:
+        return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorSlot:
+    """A checkpoint tensor whose statistics a part writes.
+
+    Attributes:
+        name: checkpoint tensor name (also the statistics tensor's name).
+        shape: its shape.
+        param: the model parameter it is (tied names share one); None for a checkpoint
+            tensor that is no parameter (a stored buffer): its statistics are zeros.
+        owner: the rank that gathers and writes it.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    param: str | None
+    owner: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartSpec:
+    """What one data-parallel group computes and where it writes it.
+
+    Attributes:
+        part: part number (= group number).
+        url: the part's directory (``OUTPUT/parts/part-NNNNN``).
+        model_url: checkpoint directory.
+        model_config: the checkpoint's ``config.json``.
+        storage_options: fsspec options.
+        examples: this group's examples, in order.
+        slots: every checkpoint tensor, in the order the part writes them.
+        files: rank -> shard file name (ranks with nothing to write have none).
+        dtype: parameter dtype of the sharded model (``float32`` or ``bfloat16``).
+        device: ``cpu`` or ``cuda``.
+        estimator: ``empirical`` or ``sampled``.
+        seed: keys the ``sampled`` estimator's draws.
+        deepspeed: the DeepSpeed config of the group (ours merged with the user's).
+        job_id: identity of the job; a part directory from another job is never reused.
+        timeout_s: collective timeout inside the group.
+    """
+
+    part: int
+    url: str
+    model_url: str
+    model_config: dict[str, Any]
+    storage_options: dict[str, Any]
+    examples: tuple[Example, ...]
+    slots: tuple[TensorSlot, ...]
+    files: dict[int, str]
+    dtype: str
+    device: str
+    estimator: str
+    seed: int
+    deepspeed: dict[str, Any]
+    job_id: str
+    timeout_s: float = 1800.0
