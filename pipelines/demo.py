@@ -1,11 +1,12 @@
-"""The README's first command: tiny RLVR-like models, merged on a local Ray.
+"""The README's first command: tiny RLVR-like models, their Fisher statistics and a merge, on a local Ray.
 
 Run:
     make demo                        # sets up .venv, then runs this
     python -m pipelines.demo --workdir demo-out [--method ties] [--executor ray]
 
 Builds a random Llama-shaped base and two sparse "RLVR" fine-tunes (a math one and a
-code one, updating mostly different entries), merges them with the chosen method
+code one, updating mostly different entries), computes each fine-tune's diagonal Fisher
+statistics on calibration data of its task (DeepSpeed ZeRO-3 groups on Ray), merges them with the chosen method
 through the same code path a cluster uses (local Ray, local files), verifies the
 output against its manifest, loads it with transformers and runs a forward pass,
 and prints how much of each fine-tune's update survived the merge.
@@ -41,6 +42,20 @@ def build_models(root: Path) -> dict[str, str]:
     return paths
 
 
+def write_calibration(root: Path, vocab: int, n: int = 16) -> dict[str, str]:
+    """Calibration sets of each fine-tune's task: made-up words from two halves of the vocabulary."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for task, (lo, hi) in {"math": (0, vocab // 2 - 3), "code": (vocab // 2, vocab - 3)}.items():
+        def words(k: int, lo: int = lo, hi: int = hi) -> str:
+            return " ".join(f"w{int(i)}" for i in torch.randint(lo, hi, (k,), generator=g))
+        path = root / f"{task}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": words(8), "response": words(6)}) + "\n" for _ in range(n)))
+        out[task] = str(path)
+    return out
+
+
 def update_retention(paths: dict[str, str], merged: str) -> dict[str, dict[str, float]]:
     """Per fine-tune: share of its updated entries the merge kept (exactly, or same sign)."""
     storage = Storage()
@@ -74,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[demo] %(message)s")
     root = Path(args.workdir).resolve()
     paths = build_models(root / "models")
+    data = write_calibration(root / "calibration", SHAPE.vocab)
+    fisher_norms = {}
+    for name, task in (("rl-math", "math"), ("rl-code", "code")):
+        out = root / "fisher" / name
+        rc = cli_main(["fisher", "--model", paths[name], "--data", data[task], "--output", str(out), "--groups", "2"])
+        if rc != 0:
+            return rc
+        fisher_norms[name] = json.loads((out / "fisher.json").read_text())["l2_norm_mean"]
+    print(f"\nFisher statistics (DeepSpeed ZeRO-3 on Ray, 2 groups each) in {root / 'fisher'}; "
+          f"L2 norm of the mean diagonal Fisher: {json.dumps(fisher_norms)}\n", flush=True)
     params = {"ties": "{density: 0.5, weight: 1.0}"}.get(args.method, "{weight: 1.0}")
     config = root / f"{args.method}.yaml"
     merged = root / f"merged-{args.method}"

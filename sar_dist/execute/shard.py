@@ -123,10 +123,15 @@ def run_shard_task(task: ShardTask, on_tensor: Callable[[TensorJob], None] | Non
     Returns:
         The shard's result (also written as its receipt).
     """
+    # no autograd for merges; scoped, so a caller's own grad mode is left as it was
+    with torch.no_grad():
+        return _run_shard_task(task, on_tensor)
+
+
+def _run_shard_task(task: ShardTask, on_tensor: Callable[[TensorJob], None] | None) -> ShardResult:
     start = time.perf_counter()
     storage = Storage(task.storage_options)
     method = get_method(task.method)
-    torch.set_grad_enabled(False)
     entries = [(j.name, j.out_dtype, j.shape) for j in task.tensors]
     units = list(_units(task))
     with ShardWriter(storage, task.url, entries) as writer, ThreadPoolExecutor(max_workers=1) as pool:

@@ -184,6 +184,7 @@ def _run(spec: PartSpec, deepspeed: Any, dist: Any, *, rank: int, world: int, pr
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=spec.deepspeed)
     engine.module.eval()  # no dropout: statistics at the given model, deterministic
     acc = {name: torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=device) for name, p in unique.items()}
+    t_compute = time.perf_counter()
     examples = spec.examples
     steps = math.ceil(len(examples) / world) if examples else 0
     done = targets_done = tokens_done = 0
@@ -209,15 +210,20 @@ def _run(spec: PartSpec, deepspeed: Any, dist: Any, *, rank: int, world: int, pr
             tokens_done += len(ex.input_ids)
             progress.update(examples=done, targets=targets_done, tokens=tokens_done)
     del engine, optimizer
+    compute_s = time.perf_counter() - t_compute
 
     counts = torch.tensor([done, targets_done, tokens_done], dtype=torch.int64)
+    rss = torch.zeros(world, dtype=torch.int64)
+    rss[rank] = _peak_rss_bytes()
     if world > 1:
         dist.all_reduce(counts)
+        dist.all_reduce(rss)
     _write_part(spec, storage, dist, acc, params, unique, rank=rank, world=world)
     if world > 1:
         dist.barrier()
     result = {"part": spec.part, "num_examples": int(counts[0]), "num_targets": int(counts[1]),
-              "num_tokens": int(counts[2])}
+              "num_tokens": int(counts[2]), "compute_s": round(compute_s, 3),
+              "peak_rss_bytes": [int(x) for x in rss]}
     if rank == 0:
         index = {"metadata": {"total_size": sum(4 * math.prod(s.shape) for s in spec.slots)},
                  "weight_map": {s.name: spec.files[s.owner] for s in spec.slots}}
@@ -226,6 +232,13 @@ def _run(spec: PartSpec, deepspeed: Any, dist: Any, *, rank: int, world: int, pr
                   if spec.examples else None}
         storage.write_bytes(join(spec.url, PART_MARKER), json.dumps(marker, indent=2).encode())
     return result
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _write_part(spec: PartSpec, storage: Storage, dist: Any, acc: dict[str, torch.Tensor], params, unique,

@@ -17,6 +17,7 @@ from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, build_
 from sar_dist.checkpoint.index import CheckpointIndex, open_checkpoint, read_json
 from sar_dist.checkpoint.writer import SAFETENSORS_METADATA
 from sar_dist.config import MergeJob
+from sar_dist.fisher.stats import open_fisher
 from sar_dist.merge.base import MergeMethod
 from sar_dist.plan import params as param_resolver
 from sar_dist.plan.types import Plan, ShardTask, TensorJob
@@ -129,11 +130,9 @@ def build_plan(
         indexes = {u: f.result() for u, f in futures.items()}
         fisher_indexes: list[CheckpointIndex] = []
         if method.needs_fisher:
-            fisher_futures = [
-                pool.submit(open_checkpoint, storage, m.fisher, stem="fisher", what="fisher statistics")
-                for m in input_refs
-            ]
-            fisher_indexes = [f.result() for f in fisher_futures]
+            # statistics must come from `sar-dist fisher` on exactly this model
+            fisher_futures = [pool.submit(open_fisher, storage, m.fisher, indexes[m.model]) for m in input_refs]
+            fisher_indexes = [f.result().index for f in fisher_futures]
 
     ref_url = base_url if method.needs_base else input_urls[0]
     ref = indexes[ref_url]
@@ -142,13 +141,6 @@ def build_plan(
     for u in input_urls:
         if u != ref_url:
             problems += _compare(ref_name, ref, indexes[u], "model")
-    for m, fi in zip(input_refs, fisher_indexes, strict=False):  # no fisher_indexes: no-op
-        for name, r in ref.tensors.items():
-            f = fi.tensors.get(name)
-            if f is None:
-                problems.append(f"fisher statistics {display_url(fi.url)}: missing tensor '{name}' of model {display_url(m.model)}")
-            elif f.info.shape != r.info.shape:
-                problems.append(f"{display_url(f.file)}: tensor '{name}' has shape {list(f.info.shape)}, model {display_url(m.model)} has {list(r.info.shape)}")
     _raise_all(problems)
 
     base_dir = base_url if base_url is not None else input_urls[0]

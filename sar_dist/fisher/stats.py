@@ -1,0 +1,77 @@
+"""Read Fisher statistics for a merge, and refuse statistics that belong to another model.
+
+A statistics directory is complete only when ``fisher.json`` is there (it is written last).
+The merge stage opens one per fine-tuned model and checks, from headers and that manifest
+only, that it was computed for exactly that checkpoint (its header fingerprint), with a
+float32 tensor of the same shape for every tensor of the model and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sar_dist.checkpoint.index import CheckpointIndex, open_checkpoint, read_json
+from sar_dist.fisher.plan import FORMAT_VERSION, MANIFEST, STATS_STEM
+from sar_dist.storage import Storage, display_url, join
+
+
+@dataclass(frozen=True, kw_only=True)
+class FisherStats:
+    """Validated statistics of one model.
+
+    Attributes:
+        index: the statistics tensors (float32 sums over examples).
+        manifest: ``fisher.json``.
+    """
+
+    index: CheckpointIndex
+    manifest: dict[str, Any]
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.manifest["num_examples"])
+
+    @property
+    def l2_norm_mean(self) -> float:
+        """Global L2 norm of the mean statistics (sum / num_examples) over all tensors."""
+        return float(self.manifest["l2_norm_mean"])
+
+
+def open_fisher(storage: Storage, url: str, model: CheckpointIndex) -> FisherStats:
+    """Open the statistics at ``url`` for the checkpoint ``model``.
+
+    Raises:
+        ValueError: incomplete statistics, or statistics of another model (one line naming
+            both), or a tensor missing, extra, of another shape or not float32.
+    """
+    where = f"fisher statistics {display_url(url)}"
+    index = open_checkpoint(storage, url, stem=STATS_STEM, what="fisher statistics")
+    manifest = read_json(storage, join(url, MANIFEST))
+    if manifest is None:
+        raise ValueError(f"{where}: no {MANIFEST} (incomplete: rerun `sar-dist fisher` to finish it)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{where}: format_version {manifest.get('format_version')!r}, this sar-dist reads {FORMAT_VERSION}")
+    num = manifest.get("num_examples")
+    if not isinstance(num, int) or num <= 0:
+        raise ValueError(f"{where}: {MANIFEST} has no positive num_examples")
+    theirs = (manifest.get("model") or {}).get("fingerprint")
+    ours = model.fingerprint()
+    if theirs != ours:
+        raise ValueError(
+            f"{where} were computed for model {(manifest.get('model') or {}).get('url')!s} (fingerprint "
+            f"{str(theirs)[:12]}), not for model {display_url(model.url)} (fingerprint {ours[:12]})"
+        )
+    for name, ref in model.tensors.items():
+        f = index.tensors.get(name)
+        if f is None:
+            raise ValueError(f"{where}: missing tensor '{name}' of model {display_url(model.url)}")
+        if f.info.shape != ref.info.shape:
+            raise ValueError(f"{display_url(f.file)}: tensor '{name}' has shape {list(f.info.shape)}, model "
+                             f"{display_url(model.url)} has {list(ref.info.shape)}")
+        if f.info.dtype != "F32":
+            raise ValueError(f"{display_url(f.file)}: tensor '{name}' is {f.info.dtype}; statistics are F32")
+    extra = [n for n in index.tensors if n not in model.tensors]
+    if extra:
+        raise ValueError(f"{where}: tensor '{extra[0]}' is not in model {display_url(model.url)}")
+    return FisherStats(index=index, manifest=manifest)
