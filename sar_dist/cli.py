@@ -57,6 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", choices=("float32", "bfloat16"), help="parameter dtype of the sharded model")
     f.add_argument("--seed", type=int, help="keys the sampled estimator's draws")
     f.add_argument("--keep-parts", action="store_const", const=True, help="keep parts/ after the reduce")
+    f.add_argument("--deepspeed", help="a DeepSpeed config as JSON, merged into ours (forces ZeRO-3 at one rank)")
     f.add_argument("--storage-options", help="fsspec options as JSON (no secrets)")
     f.add_argument("--ray-address", help="Ray cluster address; default: RAY_ADDRESS, else a local Ray")
     f.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
@@ -189,6 +190,15 @@ def _fisher_emitter(as_json: bool):
     return emit
 
 
+def _json_arg(text: str | None, flag: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{flag}: invalid JSON ({e})") from None
+
+
 def _cmd_fisher(args: argparse.Namespace) -> int:
     from sar_dist.fisher.config import FisherJob
     from sar_dist.fisher.plan import build_fisher_plan
@@ -196,15 +206,14 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
 
     try:
         raw = _load_yaml(args.config) if args.config else {}
-        options = None
-        if args.storage_options is not None:
-            options = json.loads(args.storage_options)
+        options = _json_arg(args.storage_options, "--storage-options")
+        ds = _json_arg(args.deepspeed, "--deepspeed")
         overrides = {
             "model": args.model, "data": args.data, "output": args.output, "tokenizer": args.tokenizer,
             "num_examples": args.num_examples, "max_length": args.max_length, "overlength": args.overlength,
             "estimator": args.estimator, "groups": args.groups, "ranks_per_group": args.ranks_per_group,
             "cpus_per_rank": args.cpus_per_rank, "device": args.device, "dtype": args.dtype, "seed": args.seed,
-            "keep_parts": args.keep_parts, "storage_options": options,
+            "keep_parts": args.keep_parts, "storage_options": options, "deepspeed": ds,
         }
         job = FisherJob.from_dict(raw, where=args.config or "flags", **overrides)
         if job.device == "cuda":
@@ -217,8 +226,6 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
             logger.warning("%d of %d examples were longer than max_length=%d and were truncated",
                            plan.data.truncated, len(plan.data.examples), job.max_length)
         prepare_output(plan, force=args.force)
-    except json.JSONDecodeError as e:
-        return _bad_input(f"--storage-options: invalid JSON ({e})")
     except (BadInput, ValueError) as e:
         return _bad_input(e)
     except OSError as e:

@@ -211,7 +211,8 @@ def make_finetune(
         return out
 
     write_checkpoint(storage, url, shapes, make, dtype, max_shard_bytes=max_shard_bytes)
-    for extra in ("config.json", "generation_config.json"):
+    # a fine-tune ships its config and tokenizer, as real ones do
+    for extra in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         if storage.exists(join(base_url, extra)):
             storage.write_bytes(join(url, extra), storage.read_bytes(join(base_url, extra)))
 

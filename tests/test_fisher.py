@@ -125,11 +125,19 @@ def _assert_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) ->
 
 # tiny parameters are all under ZeRO-3's persistence threshold (kept gathered after the first
 # forward); 1x2 also runs with the threshold at 0, so every parameter is fetched and released
-@pytest.mark.parametrize("groups,ranks,persist", [(1, 1, None), (1, 2, 0), (2, 1, None)], ids=["1x1", "1x2", "2x1"])
-def test_statistics_equal_plain_pytorch_reference(tmp_path, fisher_inputs, ray_local, groups, ranks, persist):
+# one-rank groups run plain autograd unless a deepspeed config asks for ZeRO-3 ("1x1-zero3");
+# tiny parameters are under ZeRO-3's default persistence threshold (kept gathered after the
+# first forward), so 1x2 sets it to 0: every parameter is fetched and released
+@pytest.mark.parametrize(
+    "groups,ranks,persist,engine",
+    [(1, 1, None, "torch"), (1, 1, 0, "deepspeed"), (1, 2, 0, "deepspeed"), (2, 1, None, "torch")],
+    ids=["1x1", "1x1-zero3", "1x2", "2x1"],
+)
+def test_statistics_equal_plain_pytorch_reference(tmp_path, fisher_inputs, ray_local, groups, ranks, persist, engine):
     out = str(tmp_path / "fisher")
     ds = {"zero_optimization": {"stage3_param_persistence_threshold": persist}} if persist is not None else {}
     manifest = _run(fisher_inputs, out, groups=groups, ranks_per_group=ranks, deepspeed=ds)
+    assert manifest["engine"] == engine
     got = _stats(out)
     ref = reference_fisher(fisher_inputs["model"], _examples("prompt_response"))
     assert set(got) == set(open_checkpoint(Storage(), fisher_inputs["model"]).tensors)
@@ -152,10 +160,11 @@ def test_data_formats(tmp_path, fisher_inputs, ray_local, kind):
     _assert_close(_stats(out), reference_fisher(fisher_inputs["model"], _examples(kind)))
 
 
-def test_tied_embeddings(tmp_path, fisher_inputs, ray_local):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_tied_embeddings(tmp_path, fisher_inputs, ray_local, ranks):
     """One statistics tensor for the shared embedding, holding the gradient of both uses."""
     out = str(tmp_path / "fisher")
-    _run(fisher_inputs, out, model="tied", ranks_per_group=2)
+    _run(fisher_inputs, out, model="tied", ranks_per_group=ranks)
     got = _stats(out)
     assert "lm_head.weight" not in got and "model.embed_tokens.weight" in got
     _assert_close(got, reference_fisher(fisher_inputs["tied"], _examples("prompt_response")))

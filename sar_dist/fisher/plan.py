@@ -130,7 +130,7 @@ def build_fisher_plan(job: FisherJob) -> FisherPlan:
         raise ValueError(f"data {display_url(job.data)}: {len(data.examples)} example(s) for {job.groups} groups; "
                          f"use at most as many groups as examples")
 
-    ds_config = job.deepspeed_config()
+    ds_config = job.deepspeed_config(hidden_size=model_config.get("hidden_size"))
     job_id = _job_id(job, checkpoint, data, storage, ds_config)
     world = job.ranks_per_group
     owners = _assign_owners(checkpoint, world)
@@ -156,6 +156,7 @@ def build_fisher_plan(job: FisherJob) -> FisherPlan:
             deepspeed=ds_config,
             job_id=job_id,
             timeout_s=job.timeout_s,
+            engine=job.engine,
         )
         for g in range(job.groups)
     )
@@ -209,6 +210,7 @@ def _job_id(job: FisherJob, checkpoint: CheckpointIndex, data: CalibrationData, 
         "groups": job.groups,
         "ranks_per_group": job.ranks_per_group,
         "device": job.device,
+        "engine": job.engine,
         "deepspeed": ds_config,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -367,6 +367,7 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
         "device": job.device,
         "groups": job.groups,
         "ranks_per_group": job.ranks_per_group,
+        "engine": job.engine,
         "l2_norm_mean": math.sqrt(sum(s["sumsq_mean"] for s in shards.values())),
         "tied": plan.tied,
         "parts": [{k: m.get(k) for k in ("part", "num_examples", "num_targets", "num_tokens", "compute_s",

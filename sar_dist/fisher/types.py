@@ -71,6 +71,7 @@ class PartSpec:
         deepspeed: the DeepSpeed config of the group (ours merged with the user's).
         job_id: identity of the job; a part directory from another job is never reused.
         timeout_s: collective timeout inside the group.
+        engine: ``deepspeed`` (a ZeRO-3 world) or ``torch`` (a one-rank group, plain autograd).
     """
 
     part: int
@@ -88,3 +89,4 @@ class PartSpec:
     deepspeed: dict[str, Any]
     job_id: str
     timeout_s: float = 1800.0
+    engine: str = "deepspeed"

@@ -20,6 +20,7 @@ rank that owns it (one tensor at a time) and streamed into that rank's shard of 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import importlib
@@ -30,15 +31,16 @@ import os
 import time
 import warnings
 from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES
+from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES, order_for_writing
 from sar_dist.checkpoint.index import open_checkpoint
 from sar_dist.checkpoint.reader import read_flat
 from sar_dist.checkpoint.writer import ShardWriter
-from sar_dist.fisher.types import IGNORE_INDEX, Example, PartSpec
+from sar_dist.fisher.types import IGNORE_INDEX, Example, PartSpec, TensorSlot
 from sar_dist.storage import Storage, join
 
 logger = logging.getLogger(__name__)
@@ -62,21 +64,46 @@ def import_deepspeed(device: str) -> Any:
     return deepspeed
 
 
-def build_model(deepspeed: Any, model_config: dict[str, Any], dtype: torch.dtype, ds_config: dict[str, Any]):
-    """Build the model class of ``config.json`` with every parameter partitioned at creation."""
+def _skip_init():
+    """transformers' context that skips random weight init (every weight is loaded after)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _model_class(model_config: dict[str, Any]) -> tuple[Any, Any]:
     import transformers
 
     config = dict(model_config)
     config_obj = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    return transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config_obj)], config_obj
+
+
+def build_model(deepspeed: Any | None, model_config: dict[str, Any], dtype: torch.dtype,
+                ds_config: dict[str, Any] | None = None, device: torch.device | None = None):
+    """Build the model class of ``config.json`` without initialising its weights: with every
+    parameter partitioned at creation (``deepspeed`` given: ZeRO-3), or whole on ``device``."""
     # import the model's modules (and torch._dynamo, which they pull in) before zero.Init
     # patches tensor construction: importing them inside the context fails
     import torch._dynamo  # noqa: F401
 
-    model_cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config_obj)]
+    model_cls, config_obj = _model_class(model_config)
+    # skipping init skips the tying that init does: tie explicitly (a no-op when untied)
+    if deepspeed is None:
+        with _skip_init(), torch.device(device or "cpu"):
+            model = model_cls._from_config(config_obj, dtype=dtype)
+            model.tie_weights()
+        return model
     # no dtype= here: DeepSpeed 0.19 ignores it on accelerators without fp16 (the CPU) and
     # picks bfloat16; with dtype=None it follows the config (bf16.enabled, else float32)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with _skip_init(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = model_cls._from_config(config_obj, dtype=dtype)
+        model.tie_weights()
     return model
 
 
@@ -123,17 +150,23 @@ def run_rank(
     spec: PartSpec, *, rank: int, world: int, master: str, num_threads: int,
     progress: MutableMapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run one rank of one group to the end; rank 0 returns the part's counts.
+    """Run one rank of one group to the end and write its share of the part.
 
     Args:
         spec: the part.
         rank, world: this rank and the group's size.
-        master: ``host:port`` of rank 0's rendezvous.
+        master: ``host:port`` of rank 0's rendezvous (unused by a one-rank ``torch`` group).
         num_threads: torch intra-op threads.
         progress: updated in place (``examples``, ``targets``, ``tokens``) for the driver.
+
+    Returns:
+        The part's counts (the same on every rank).
     """
     progress = progress if progress is not None else {}
     torch.set_num_threads(num_threads)
+    if spec.engine == "torch":
+        assert world == 1, "the torch engine runs one-rank groups"
+        return _finish(spec, *_accumulate_torch(spec, progress), dist=None, rank=0, world=1)
     deepspeed = import_deepspeed(spec.device)
     # DeepSpeed warns about the zero-lr optimizer it is given on purpose, torch about the
     # collectives DeepSpeed calls: neither is actionable by a user of this stage
@@ -151,87 +184,169 @@ def run_rank(
         timeout=datetime.timedelta(seconds=spec.timeout_s),
     )
     try:
-        return _run(spec, deepspeed, dist, rank=rank, world=world, progress=progress)
+        acc, counts = _accumulate_zero3(spec, deepspeed, rank=rank, world=world, progress=progress)
+        return _finish(spec, acc, counts, dist=dist, rank=rank, world=world)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(spec: PartSpec, deepspeed: Any, dist: Any, *, rank: int, world: int, progress: MutableMapping[str, Any]):
-    storage = Storage(spec.storage_options)
-    dtype = DTYPES[DTYPE_NAMES[spec.dtype]][0]
-    device = torch.device("cpu") if spec.device == "cpu" else torch.device("cuda", torch.cuda.current_device())
-    checkpoint = open_checkpoint(storage, spec.model_url)
+@dataclass
+class Counts:
+    """What one rank did: examples, target tokens, input tokens, seconds in the loop."""
 
-    model = build_model(deepspeed, spec.model_config, dtype, spec.deepspeed)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    unique = dict(model.named_parameters())  # tied names appear once
-    loaded: set[int] = set()
-    for slot in spec.slots:
-        if slot.param is None or id(params[slot.param]) in loaded:
-            continue
-        p = params[slot.param]
-        loaded.add(id(p))
-        start, end, _ = _flat_range(p.ds_numel, rank, world)
-        part = read_flat(storage, checkpoint.tensors[slot.name], start, end)
-        p.ds_tensor.data[: end - start].copy_(part.to(p.ds_tensor.dtype))
-    frozen = [n for n in unique if n not in {s.param for s in spec.slots}]
-    assert not frozen, f"parameters with no checkpoint tensor: {frozen[:3]}"
+    examples: int = 0
+    targets: int = 0
+    tokens: int = 0
+    compute_s: float = 0.0
 
-    for p in unique.values():
-        p.register_hook(lambda g, scale=float(world): g * g * scale)
-    optimizer = torch.optim.SGD(unique.values(), lr=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=spec.deepspeed)
-    engine.module.eval()  # no dropout: statistics at the given model, deterministic
-    acc = {name: torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=device) for name, p in unique.items()}
-    t_compute = time.perf_counter()
+
+def _device(spec: PartSpec) -> torch.device:
+    return torch.device("cpu") if spec.device == "cpu" else torch.device("cuda", torch.cuda.current_device())
+
+
+def _loop(spec: PartSpec, forward, backward, *, rank: int, world: int, progress: MutableMapping[str, Any]) -> Counts:
+    """Step through the group's examples: at step s, rank r takes example ``s * world + r``.
+
+    A rank with no example left at the last step runs example 0 with weight 0, so every
+    rank joins every collective.
+    """
+    device = _device(spec)
     examples = spec.examples
     steps = math.ceil(len(examples) / world) if examples else 0
-    done = targets_done = tokens_done = 0
+    counts = Counts()
     progress.update(examples=0, targets=0, tokens=0, steps_total=steps, started=time.time())
+    t0 = time.perf_counter()
     for step in range(steps):
         i = step * world + rank
         real = i < len(examples)
-        ex: Example = examples[i] if real else examples[0]  # a padding step: zero weight
+        ex: Example = examples[i] if real else examples[0]
         ids = torch.tensor(ex.input_ids, dtype=torch.long, device=device).unsqueeze(0)
         labels = torch.tensor(ex.labels, dtype=torch.long, device=device)
-        logits = engine(input_ids=ids, use_cache=False).logits[0]
+        logits = forward(input_ids=ids, use_cache=False).logits[0]
         gen = example_generator(spec.seed, ex.index) if spec.estimator == "sampled" else None
         ll = target_log_likelihood(logits, labels, estimator=spec.estimator, generator=gen)
-        if not real:
-            ll = ll * 0.0
-        engine.backward(ll)
-        for name, p in unique.items():
-            acc[name].add_(deepspeed.utils.safe_get_local_grad(p))
-        engine.optimizer.zero_grad()
+        backward(ll if real else ll * 0.0)
         if real:
-            done += 1
-            targets_done += ex.num_targets
-            tokens_done += len(ex.input_ids)
-            progress.update(examples=done, targets=targets_done, tokens=tokens_done)
-    del engine, optimizer
-    compute_s = time.perf_counter() - t_compute
+            counts.examples += 1
+            counts.targets += ex.num_targets
+            counts.tokens += len(ex.input_ids)
+            progress.update(examples=counts.examples, targets=counts.targets, tokens=counts.tokens)
+    counts.compute_s = time.perf_counter() - t0
+    return counts
 
-    counts = torch.tensor([done, targets_done, tokens_done], dtype=torch.int64)
+
+def _accumulate_torch(spec: PartSpec, progress: MutableMapping[str, Any]) -> tuple[dict[str, torch.Tensor], Counts]:
+    """A one-rank group: the whole model in this process, plain autograd.
+
+    ZeRO-3 over a single rank shards nothing and still reduce-scatters every gradient through
+    gloo (measured: 0.7 s per example on a 121M-parameter model, more than the forward and
+    backward themselves), so a one-rank group runs without DeepSpeed unless its config asks
+    for it. After each backward, ``acc += grad**2`` in float32 (one fused pass) and the
+    gradient is dropped.
+    """
+    storage = Storage(spec.storage_options)
+    checkpoint = open_checkpoint(storage, spec.model_url)
+    device = _device(spec)
+    model = build_model(None, spec.model_config, DTYPES[DTYPE_NAMES[spec.dtype]][0], device=device)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for p, name in _params_to_load(spec, params):
+            p.copy_(read_flat(storage, checkpoint.tensors[name], 0, p.numel()).view(p.shape))
+    model.eval()  # no dropout: statistics at the given model, deterministic
+    unique = dict(model.named_parameters())
+    acc = {id(p): torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in unique.values()}
+
+    def backward(ll: torch.Tensor) -> None:
+        ll.backward()
+        for p in unique.values():
+            g = p.grad.reshape(-1).float()
+            acc[id(p)].addcmul_(g, g)
+            p.grad = None
+
+    counts = _loop(spec, model, backward, rank=0, world=1, progress=progress)
+    return {name: acc[id(p)] for name, p in params.items()}, counts
+
+
+def _accumulate_zero3(spec: PartSpec, deepspeed: Any, *, rank: int, world: int,
+                      progress: MutableMapping[str, Any]) -> tuple[dict[str, torch.Tensor], Counts]:
+    """A ZeRO-3 rank: its partition of every parameter, the sum of squares over the group."""
+    storage = Storage(spec.storage_options)
+    checkpoint = open_checkpoint(storage, spec.model_url)
+    model = build_model(deepspeed, spec.model_config, DTYPES[DTYPE_NAMES[spec.dtype]][0], spec.deepspeed)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    # sharded load: each rank range-reads its own slice of each flattened tensor into its
+    # partition, before the engine copies partitions into its flat buffers
+    for p, name in _params_to_load(spec, params):
+        start, end, _ = _flat_range(p.ds_numel, rank, world)
+        p.ds_tensor.data[: end - start].copy_(read_flat(storage, checkpoint.tensors[name], start, end))
+    unique = dict(model.named_parameters())
+    for p in unique.values():
+        p.register_hook(_square_hook(world))
+    optimizer = torch.optim.SGD(unique.values(), lr=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=spec.deepspeed)
+    engine.module.eval()  # no dropout: statistics at the given model, deterministic
+    _drop_master_weights(engine.optimizer)
+    counts = _loop(spec, engine, engine.backward, rank=rank, world=world, progress=progress)
+    # DeepSpeed summed the reduced squares of every step into this rank's float32 gradient
+    # partitions (gradient accumulation in grad_accum_dtype fp32; the optimizer never steps)
+    acc = {id(p): deepspeed.utils.safe_get_local_grad(p).clone() for p in unique.values()}
+    del engine, optimizer
+    return {name: acc[id(p)] for name, p in params.items()}, counts
+
+
+def _drop_master_weights(optimizer: Any) -> None:
+    """Free ZeRO-3's float32 master copy of this rank's partitions: it only serves
+    ``step()``, which never runs here (a quarter of a rank's memory for float32 models)."""
+    for flat in getattr(optimizer, "fp32_partitioned_groups_flat", None) or []:
+        if isinstance(flat, torch.Tensor) and flat.numel():
+            flat.data = torch.empty(0, dtype=flat.dtype, device=flat.device)
+
+
+def _params_to_load(spec: PartSpec, params: dict[str, torch.nn.Parameter]):
+    """(parameter, checkpoint tensor) pairs, each parameter once (tied names share one)."""
+    seen: set[int] = set()
+    for slot in spec.slots:
+        if slot.param is None or id(params[slot.param]) in seen:
+            continue
+        seen.add(id(params[slot.param]))
+        yield params[slot.param], slot.name
+    missing = [n for n, p in params.items() if id(p) not in seen]
+    assert not missing, f"parameters with no checkpoint tensor: {missing[:3]}"
+
+
+def _finish(spec: PartSpec, acc: dict[str, torch.Tensor], counts: Counts, *, dist: Any, rank: int,
+            world: int) -> dict[str, Any]:
+    """Sum the counts over the group, write the part's shards, then (rank 0) its index and marker."""
+    storage = Storage(spec.storage_options)
+    totals = torch.tensor([counts.examples, counts.targets, counts.tokens], dtype=torch.int64)
     rss = torch.zeros(world, dtype=torch.int64)
     rss[rank] = _peak_rss_bytes()
     if world > 1:
-        dist.all_reduce(counts)
+        dist.all_reduce(totals)
         dist.all_reduce(rss)
-    _write_part(spec, storage, dist, acc, params, unique, rank=rank, world=world)
+    _write_part(spec, storage, dist, acc, rank=rank, world=world)
     if world > 1:
         dist.barrier()
-    result = {"part": spec.part, "num_examples": int(counts[0]), "num_targets": int(counts[1]),
-              "num_tokens": int(counts[2]), "compute_s": round(compute_s, 3),
-              "peak_rss_bytes": [int(x) for x in rss]}
+    result = {"part": spec.part, "num_examples": int(totals[0]), "num_targets": int(totals[1]),
+              "num_tokens": int(totals[2]), "compute_s": round(counts.compute_s, 3),
+              "peak_rss_bytes": [int(x) for x in rss], "engine": spec.engine}
     if rank == 0:
         index = {"metadata": {"total_size": sum(4 * math.prod(s.shape) for s in spec.slots)},
                  "weight_map": {s.name: spec.files[s.owner] for s in spec.slots}}
         storage.write_bytes(join(spec.url, "fisher.safetensors.index.json"), json.dumps(index, indent=2).encode())
-        marker = {**result, "job_id": spec.job_id, "examples": [spec.examples[0].index, spec.examples[-1].index]
-                  if spec.examples else None}
+        marker = {**result, "job_id": spec.job_id,
+                  "examples": [spec.examples[0].index, spec.examples[-1].index] if spec.examples else None}
         storage.write_bytes(join(spec.url, PART_MARKER), json.dumps(marker, indent=2).encode())
     return result
+
+
+def _square_hook(world: int):
+    """``g -> world * g**2``: ZeRO-3 then averages over the ``world`` ranks, leaving the sum of
+    the ranks' per-example squares (one new tensor, one in-place scale)."""
+    if world == 1:
+        return torch.square
+    return lambda g: torch.square(g).mul_(float(world))
 
 
 def _peak_rss_bytes() -> int:
@@ -241,40 +356,33 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _write_part(spec: PartSpec, storage: Storage, dist: Any, acc: dict[str, torch.Tensor], params, unique,
-                *, rank: int, world: int) -> None:
-    """Gather each statistics tensor to its owner, which streams it into its shard."""
-    param_name = {id(p): n for n, p in unique.items()}
-    by_owner: dict[int, list] = {}
+def _write_part(spec: PartSpec, storage: Storage, dist: Any, acc: dict[str, torch.Tensor], *, rank: int,
+                world: int) -> None:
+    """Gather each statistics tensor to the rank that owns it, which streams it into its shard.
+
+    Every rank walks the same tensors in the same order (owner by owner, each shard in
+    safetensors order), so the gathers pair up; a rank holds at most one gathered tensor.
+    """
+    by_owner: dict[int, list[TensorSlot]] = {}
     for slot in spec.slots:
         by_owner.setdefault(slot.owner, []).append(slot)
-    from sar_dist.checkpoint.format import order_for_writing
-
     for owner in sorted(by_owner):
         slots = {s.name: s for s in by_owner[owner]}
         entries = order_for_writing([(s.name, "F32", s.shape) for s in slots.values()])
-        writer = ShardWriter(storage, join(spec.url, spec.files[owner]), entries) if rank == owner else None
-        if writer is not None:
-            writer.__enter__()
-        try:
+        mine = rank == owner
+        writer = ShardWriter(storage, join(spec.url, spec.files[owner]), entries) if mine else contextlib.nullcontext()
+        with writer:
             for name, _, shape in entries:
                 slot = slots[name]
                 numel = math.prod(shape)
-                if slot.param is None:
-                    full = torch.zeros(shape, dtype=torch.float32) if writer is not None else None
+                if slot.param is None:  # a stored buffer: no gradient
+                    full = torch.zeros(shape, dtype=torch.float32) if mine else None
+                elif world == 1:
+                    full = acc[slot.param].cpu()[:numel].view(shape)
                 else:
-                    local = acc[param_name[id(params[slot.param])]].cpu()
-                    if world == 1:
-                        full = local[:numel].view(shape)
-                    else:
-                        bucket = [torch.empty_like(local) for _ in range(world)] if rank == owner else None
-                        dist.gather(local, gather_list=bucket, dst=owner)
-                        full = torch.cat(bucket)[:numel].view(shape) if bucket is not None else None
-                if writer is not None:
+                    local = acc[slot.param].cpu()
+                    bucket = [torch.empty_like(local) for _ in range(world)] if mine else None
+                    dist.gather(local, gather_list=bucket, dst=owner)
+                    full = torch.cat(bucket)[:numel].view(shape) if mine else None
+                if mine:
                     writer.write(name, full)
-        except BaseException as e:
-            if writer is not None:
-                writer.__exit__(type(e), e, e.__traceback__)
-            raise
-        if writer is not None:
-            writer.__exit__(None, None, None)
