@@ -6,7 +6,7 @@ Run:
 
 Builds a random Llama-shaped base and two sparse "RLVR" fine-tunes (a math one and a
 code one, updating mostly different entries), computes each fine-tune's diagonal Fisher
-statistics on calibration data of its task (DeepSpeed ZeRO-3 groups on Ray), merges them with the chosen method
+statistics on calibration data of its task (on Ray), merges them with SAR-Merging (or --method)
 through the same code path a cluster uses (local Ray, local files), verifies the
 output against its manifest, loads it with transformers and runs a forward pass,
 and prints how much of each fine-tune's update survived the merge.
@@ -83,7 +83,7 @@ def update_retention(paths: dict[str, str], merged: str) -> dict[str, dict[str, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="demo-out")
-    p.add_argument("--method", default="ties")
+    p.add_argument("--method", default="sar")
     p.add_argument("--executor", default="ray", choices=("ray", "local"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[demo] %(message)s")
@@ -99,15 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         fisher_norms[name] = json.loads((out / "fisher.json").read_text())["l2_norm_mean"]
     print(f"\nFisher statistics (DeepSpeed ZeRO-3 on Ray, 2 groups each) in {root / 'fisher'}; "
           f"L2 norm of the mean diagonal Fisher: {json.dumps(fisher_norms)}\n", flush=True)
-    params = {"ties": "{density: 0.5, weight: 1.0}"}.get(args.method, "{weight: 1.0}")
+    params = {"ties": "{density: 0.5, weight: 1.0}", "sar": "{arbitration: sensitivity, density: 1.0}"}.get(
+        args.method, "{weight: 1.0}")
     config = root / f"{args.method}.yaml"
     merged = root / f"merged-{args.method}"
+    fisher_lines = {name: f"    fisher: {root / 'fisher' / name}\n" if args.method in ("sar", "fisher") else ""
+                    for name in ("rl-math", "rl-code")}
     config.write_text(
         f"merge_method: {args.method}\n"
         f"base_model: {paths['base']}\n"
         "models:\n"
-        f"  - model: {paths['rl-math']}\n"
-        f"  - model: {paths['rl-code']}\n"
+        f"  - model: {paths['rl-math']}\n{fisher_lines['rl-math']}"
+        f"  - model: {paths['rl-code']}\n{fisher_lines['rl-code']}"
         f"parameters: {params}\n"
         "tokenizer_source: base\n"
         f"output: {merged}\n"

@@ -177,9 +177,11 @@ class MergeJob:
                     else f"at least {method.min_models}")
             raise ValueError(f"{where}: merge_method '{method.name}' takes {want} non-base model(s), got {num_inputs}")
         if method.needs_fisher:
-            for i, m in enumerate(models):
-                if m.model != base and m.fisher is None:
-                    raise ValueError(f"{where}: models[{i}] ({m.model}) needs 'fisher:' statistics for '{method.name}'")
+            for m in inputs:
+                if m.fisher is None:
+                    which = (f"models[{models.index(m)}] ({m.model})" if m in models
+                             else f"base_model {m.model} (merged as an input by '{method.name}': list it under models)")
+                    raise ValueError(f"{where}: {which} needs 'fisher:' statistics for '{method.name}'")
 
         dtype = _dtype(d.get("dtype"), f"{where}: dtype")
         out_dtype = _dtype(d.get("out_dtype"), f"{where}: out_dtype")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from sar_dist.checkpoint.format import TORCH_TO_ST, order_for_writing
-from sar_dist.checkpoint.index import open_checkpoint
+from sar_dist.checkpoint.index import content_fingerprint, open_checkpoint
 from sar_dist.checkpoint.reader import read_tensor
 from sar_dist.checkpoint.writer import ShardWriter
 from sar_dist.storage import Storage, join
@@ -229,3 +229,33 @@ def write_tokenizer(storage: Storage, url: str, vocab: int) -> None:
               "unk_token": "<unk>", "model_max_length": 512}
     storage.write_bytes(join(url, "tokenizer_config.json"), json.dumps(config, indent=2).encode())
 
+
+
+def make_fisher(storage: Storage, model_url: str, url: str, *, seed: int, num_examples: int = 8,
+                zero_fraction: float = 0.1) -> None:
+    """Write random Fisher statistics for ``model_url`` in the Fisher stage's format.
+
+    Sums over ``num_examples`` of squared gradients are stood in for by positive random values
+    (a ``zero_fraction`` of entries exactly 0, as for parameters no example touches), so merges
+    that need statistics can be tested without running the Fisher stage.
+    """
+    from sar_dist.fisher.plan import FORMAT_VERSION, MANIFEST
+
+    index = open_checkpoint(storage, model_url)
+    shapes = {n: r.info.shape for n, r in index.tensors.items()}
+    sumsq = 0.0
+
+    def make(name: str, s: tuple[int, ...]) -> torch.Tensor:
+        nonlocal sumsq
+        g = _generator(seed, "fisher:" + name)
+        values = torch.rand(s, generator=g).square() * num_examples
+        values[torch.rand(s, generator=g) < zero_fraction] = 0.0
+        sumsq += float((values.double() / num_examples).square().sum())
+        return values
+
+    write_checkpoint(storage, url, shapes, make, torch.float32, stem="fisher", max_shard_bytes=2**62)
+    manifest = {"format_version": FORMAT_VERSION, "kind": "sar-dist fisher statistics (synthetic)",
+                "model": {"url": model_url, "fingerprint": index.fingerprint(),
+                          "content_fingerprint": content_fingerprint(storage, index)}, "estimator": "synthetic",
+                "num_examples": num_examples, "l2_norm_mean": math.sqrt(sumsq)}
+    storage.write_bytes(join(url, MANIFEST), json.dumps(manifest, indent=2).encode())

@@ -9,6 +9,7 @@ import yaml
 
 from sar_dist.cli import main as cli_main
 from sar_dist.storage import Storage
+from sar_dist.synthetic import make_fisher
 from tests.conftest import REPO, upload_tree
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -30,6 +31,10 @@ def test_example_config_runs(path: Path, tmp_path, tiny_models, request):
         config["storage_options"] = s3_options
     else:
         for demo, fixture in names.items():
+            if f"demo-out/fisher/{demo}" in text:  # statistics in the Fisher stage's format
+                stats = str(tmp_path / "fisher" / demo)
+                make_fisher(Storage(), tiny_models[fixture], stats, seed=len(demo))
+                text = text.replace(f"demo-out/fisher/{demo}", stats)
             text = text.replace(f"demo-out/models/{demo}", tiny_models[fixture])
         config = yaml.safe_load(text)
         config["output"] = str(tmp_path / "out")

@@ -23,6 +23,8 @@ EXPECTED = {
     "della_linear",
     "ram",
     "ramplus_tl",
+    "sar",
+    "fisher",
 }
 
 
@@ -75,7 +77,8 @@ def test_params_metadata():
     assert {f.metadata["yaml"] for f in METHODS["ram"].param_fields()} == {"epsilon"}
     assert METHODS["slerp"].min_models == METHODS["slerp"].max_models == 1
     assert not METHODS["linear"].needs_base
-    assert all(m.needs_base for n, m in METHODS.items() if n != "linear")
+    assert all(m.needs_base for n, m in METHODS.items() if n not in ("linear", "fisher"))
+    assert {n for n, m in METHODS.items() if m.needs_fisher} == {"sar", "fisher"}
 
 
 def test_get_method():

@@ -58,10 +58,19 @@ def gather_state(method: MergeMethod, job: TensorJob, storage: Storage, device: 
             tensors = [read_tensor(storage, ref, rows).to(device=device, dtype=compute) for ref in job.sources]
             base = tensors.pop(0) if job.base is not None else None
             ctx = TensorContext(name=job.name, seed=seed, offset=(rows[0] if rows else 0) * row_elems)
-            state.observe(tensors[: len(job.inputs)], base, ctx)
+            n = len(job.inputs)
+            if job.fisher:
+                state.observe(tensors[:n], base, ctx, fisher=_scaled_fisher(tensors[n:], job))
+            else:
+                state.observe(tensors[:n], base, ctx)
             del tensors, base
         state.end_pass()
     return state
+
+
+def _scaled_fisher(stats: list[torch.Tensor], job: TensorJob) -> list[torch.Tensor]:
+    """Stored Fisher sums (compute dtype) -> the F the method takes (``TensorJob.fisher_scale``)."""
+    return [f.mul_(scale) for f, scale in zip(stats, job.fisher_scale, strict=True)]
 
 
 def _read_unit(storage: Storage, unit: Unit) -> list[torch.Tensor]:
@@ -101,7 +110,7 @@ def merge_unit(
     raw.clear()
     base = tensors.pop(0) if job.base is not None else None
     n = len(job.inputs)
-    inputs, fisher = tensors[:n], tensors[n:]
+    inputs, fisher = tensors[:n], _scaled_fisher(tensors[n:], job)
     ctx = TensorContext(name=job.name, seed=seed, offset=rows[0] * row_elems if rows else 0)
     kwargs: dict[str, Any] = {"fisher": fisher} if fisher else {}
     if state is not None:

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sar_dist.checkpoint.index import CheckpointIndex, open_checkpoint, read_json
+from sar_dist.checkpoint.index import CheckpointIndex, content_fingerprint, open_checkpoint, read_json
 from sar_dist.fisher.config import FisherJob
 from sar_dist.fisher.data import CalibrationData, load_examples
 from sar_dist.fisher.types import PartSpec, TensorSlot
@@ -42,6 +42,7 @@ class FisherPlan:
         shards: final statistics shards: file name -> tensor names, in checkpoint order.
         job_id: sha256 over everything the statistics depend on.
         tied: checkpoint tensor name -> the parameter it shares (tied embeddings).
+        model_content: the model's sampled content fingerprint (``content_fingerprint``).
     """
 
     job: FisherJob
@@ -53,6 +54,7 @@ class FisherPlan:
     shards: dict[str, list[str]]
     job_id: str
     tied: dict[str, str]
+    model_content: str
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -131,7 +133,8 @@ def build_fisher_plan(job: FisherJob) -> FisherPlan:
                          f"use at most as many groups as examples")
 
     ds_config = job.deepspeed_config(hidden_size=model_config.get("hidden_size"))
-    job_id = _job_id(job, checkpoint, data, storage, ds_config)
+    model_content = content_fingerprint(storage, checkpoint)
+    job_id = _job_id(job, model_content, data, storage, ds_config)
     world = job.ranks_per_group
     owners = _assign_owners(checkpoint, world)
     files = {r: f"{STATS_STEM}-{r + 1:05d}-of-{world:05d}.safetensors" for r in sorted(set(owners.values()))}
@@ -161,7 +164,8 @@ def build_fisher_plan(job: FisherJob) -> FisherPlan:
         for g in range(job.groups)
     )
     return FisherPlan(job=job, storage=storage, checkpoint=checkpoint, model_config=model_config, data=data,
-                      parts=parts, shards=_pack_shards(checkpoint, job.out_shard_size), job_id=job_id, tied=tied)
+                      parts=parts, shards=_pack_shards(checkpoint, job.out_shard_size), job_id=job_id, tied=tied,
+                      model_content=model_content)
 
 
 def _assign_owners(checkpoint: CheckpointIndex, world: int) -> dict[str, int]:
@@ -189,7 +193,7 @@ def _pack_shards(checkpoint: CheckpointIndex, max_bytes: int) -> dict[str, list[
     return {f"{STATS_STEM}-{i + 1:05d}-of-{total:05d}.safetensors": names for i, names in enumerate(groups)}
 
 
-def _job_id(job: FisherJob, checkpoint: CheckpointIndex, data: CalibrationData, storage: Storage,
+def _job_id(job: FisherJob, model_content: str, data: CalibrationData, storage: Storage,
             ds_config: dict[str, Any]) -> str:
     """Everything the statistics depend on; parts from another job are never reused."""
     tok = job.tokenizer or job.model
@@ -198,7 +202,7 @@ def _job_id(job: FisherJob, checkpoint: CheckpointIndex, data: CalibrationData, 
         tok_sha = hashlib.sha256(storage.read_bytes(join(tok, "tokenizer.json"))).hexdigest()
     ident = {
         "format_version": FORMAT_VERSION,
-        "model": checkpoint.fingerprint(),
+        "model": model_content,
         "data": data.sha256,
         "tokenizer": tok_sha,
         "num_examples": len(data.examples),

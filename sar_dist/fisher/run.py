@@ -351,7 +351,8 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
         "statistic": "sum over examples of the squared per-example gradient of the summed target "
                      "log-likelihood, float32; mean = sum / num_examples",
         "job_id": plan.job_id,
-        "model": {"url": display_url(job.model), "fingerprint": plan.checkpoint.fingerprint()},
+        "model": {"url": display_url(job.model), "fingerprint": plan.checkpoint.fingerprint(),
+                  "content_fingerprint": plan.model_content},
         "estimator": job.estimator,
         "grad_batch": 1,
         "seed": job.seed,

@@ -1,8 +1,9 @@
 """Read Fisher statistics for a merge, and refuse statistics that belong to another model.
 
 A statistics directory is complete only when ``fisher.json`` is there (it is written last).
-The merge stage opens one per fine-tuned model and checks, from headers and that manifest
-only, that it was computed for exactly that checkpoint (its header fingerprint), with a
+The merge stage opens one per fine-tuned model and checks, from headers, that manifest and a
+few sampled blocks of the model, that it was computed for exactly that checkpoint (its content
+fingerprint: fine-tunes of one base share their headers), with a
 float32 tensor of the same shape for every tensor of the model and nothing else.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sar_dist.checkpoint.index import CheckpointIndex, open_checkpoint, read_json
+from sar_dist.checkpoint.index import CheckpointIndex, content_fingerprint, open_checkpoint, read_json
 from sar_dist.fisher.plan import FORMAT_VERSION, MANIFEST, STATS_STEM
 from sar_dist.storage import Storage, display_url, join
 
@@ -55,11 +56,11 @@ def open_fisher(storage: Storage, url: str, model: CheckpointIndex) -> FisherSta
     num = manifest.get("num_examples")
     if not isinstance(num, int) or num <= 0:
         raise ValueError(f"{where}: {MANIFEST} has no positive num_examples")
-    theirs = (manifest.get("model") or {}).get("fingerprint")
-    ours = model.fingerprint()
+    recorded = manifest.get("model") or {}
+    theirs, ours = recorded.get("content_fingerprint"), content_fingerprint(storage, model)
     if theirs != ours:
         raise ValueError(
-            f"{where} were computed for model {(manifest.get('model') or {}).get('url')!s} (fingerprint "
+            f"{where} were computed for model {recorded.get('url')!s} (fingerprint "
             f"{str(theirs)[:12]}), not for model {display_url(model.url)} (fingerprint {ours[:12]})"
         )
     for name, ref in model.tensors.items():

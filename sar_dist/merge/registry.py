@@ -12,6 +12,16 @@ import dataclasses
 from sar_dist.merge.base import MergeMethod
 from sar_dist.merge.methods.linear import LINEAR_URL, LinearParams, linear
 from sar_dist.merge.methods.ram import RAM_URL, RamParams, RamplusTlParams, ram, ramplus_tl
+from sar_dist.merge.methods.sar import (
+    FISHER_URL,
+    SAR_URL,
+    FisherParams,
+    SarParams,
+    fisher,
+    sar,
+    sar_elementwise,
+    sar_state,
+)
 from sar_dist.merge.methods.slerp import SLERP_URL, SlerpParams, slerp
 from sar_dist.merge.methods.task_arithmetic import (
     TASK_ARITHMETIC_URL,
@@ -69,6 +79,8 @@ _ALL = [
     MergeMethod(name="della_linear", fn=della_linear, params_cls=DellaLinearParams, needs_base=True, paper_url=DELLA_URL),
     MergeMethod(name="ram", fn=ram, params_cls=RamParams, needs_base=True, paper_url=RAM_URL, elementwise=_always),
     MergeMethod(name="ramplus_tl", fn=ramplus_tl, params_cls=RamplusTlParams, needs_base=True, paper_url=RAM_URL),
+    MergeMethod(name="sar", fn=sar, params_cls=SarParams, needs_base=True, paper_url=SAR_URL, needs_fisher=True, elementwise=sar_elementwise, state=sar_state),
+    MergeMethod(name="fisher", fn=fisher, params_cls=FisherParams, needs_base=False, paper_url=FISHER_URL, needs_fisher=True, elementwise=_always),
 ]  # fmt: skip
 
 METHODS: dict[str, MergeMethod] = {m.name: m for m in _ALL}

@@ -12,12 +12,13 @@ import hashlib
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, build_header, order_for_writing
 from sar_dist.checkpoint.index import CheckpointIndex, open_checkpoint, read_json
 from sar_dist.checkpoint.writer import SAFETENSORS_METADATA
 from sar_dist.config import MergeJob
-from sar_dist.fisher.stats import open_fisher
+from sar_dist.fisher.stats import FisherStats, open_fisher
 from sar_dist.merge.base import MergeMethod
 from sar_dist.plan import params as param_resolver
 from sar_dist.plan.types import Plan, ShardTask, TensorJob
@@ -93,6 +94,18 @@ def _raise_all(problems: list[str]) -> None:
         raise ValueError(problems[0] + more)
 
 
+def _fisher_scale(stats: FisherStats, params: Any) -> float:
+    """Stored sums -> the F a method takes: the mean, divided by its global L2 norm with
+    ``fisher_norm: l2`` (recorded by the Fisher stage, so no pass over the statistics)."""
+    scale = 1.0 / stats.num_examples
+    if getattr(params, "fisher_norm", "none") == "l2":
+        if not stats.l2_norm_mean > 0:
+            raise ValueError(f"fisher statistics {display_url(stats.index.url)}: all zero (l2_norm_mean 0); "
+                             f"fisher_norm: l2 cannot normalise them")
+        scale /= stats.l2_norm_mean
+    return scale
+
+
 def build_plan(
     job: MergeJob,
     *,
@@ -129,10 +142,12 @@ def build_plan(
         }
         indexes = {u: f.result() for u, f in futures.items()}
         fisher_indexes: list[CheckpointIndex] = []
+        fisher_stats: list[FisherStats] = []
         if method.needs_fisher:
             # statistics must come from `sar-dist fisher` on exactly this model
             fisher_futures = [pool.submit(open_fisher, storage, m.fisher, indexes[m.model]) for m in input_refs]
-            fisher_indexes = [f.result().index for f in fisher_futures]
+            fisher_stats = [f.result() for f in fisher_futures]
+            fisher_indexes = [s.index for s in fisher_stats]
 
     ref_url = base_url if method.needs_base else input_urls[0]
     ref = indexes[ref_url]
@@ -172,6 +187,7 @@ def build_plan(
                 base=base_ref,
                 inputs=inputs,
                 fisher=tuple(fi.tensors[name] for fi in fisher_indexes),
+                fisher_scale=tuple(_fisher_scale(s, params) for s in fisher_stats),
                 params=params,
             )
         # row blocks: elementwise methods, and methods that gather whole-tensor statistics in

@@ -27,6 +27,9 @@ class TensorJob:
         base: the base model's tensor, or None.
         inputs: the non-base inputs, in config order.
         fisher: each input's Fisher statistics tensor (methods that need them), else ().
+        fisher_scale: per input, the factor that turns its stored statistics (sums over
+            examples) into the F the method takes: ``1 / num_examples``, and ``1 / l2_norm_mean``
+            too with ``fisher_norm: l2``.
         params: the method's params resolved for this tensor; None means copy ``copy_from``.
         copy_from: for non-float tensors, the source copied unchanged.
         chunk_rows: rows per chunk (the whole first dimension when not chunked).
@@ -39,6 +42,7 @@ class TensorJob:
     base: TensorRef | None
     inputs: tuple[TensorRef, ...]
     fisher: tuple[TensorRef, ...] = ()
+    fisher_scale: tuple[float, ...] = ()
     params: Any = None
     copy_from: TensorRef | None = None
     chunk_rows: int = 0
