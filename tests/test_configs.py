@@ -27,6 +27,10 @@ def test_example_config_runs(path: Path, tmp_path, tiny_models, request):
         fs.mkdir(bucket)
         for demo, fixture in names.items():
             upload_tree(storage, tiny_models[fixture], f"s3://{bucket}/{demo}")
+            if f"s3://models/fisher/{demo}" in text:
+                stats = str(tmp_path / "fisher" / demo)
+                make_fisher(Storage(), tiny_models[fixture], stats, seed=len(demo))
+                upload_tree(storage, stats, f"s3://{bucket}/fisher/{demo}")
         config = yaml.safe_load(text.replace("s3://models/", f"s3://{bucket}/"))
         config["storage_options"] = s3_options
     else:
