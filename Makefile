@@ -35,6 +35,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/merge_bench.py
+	$(BIN)/python bench/fisher_bench.py
 
 clean:
 	rm -rf demo-out bench/out

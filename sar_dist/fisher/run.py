@@ -61,9 +61,12 @@ class FisherRank:
             return f"{host}:{s.getsockname()[1]}"
 
     def run(self, spec: PartSpec, rank: int, world: int, master: str, num_threads: int) -> dict[str, Any]:
+        import ray
+
         from sar_dist.fisher.worker import run_rank
 
-        return run_rank(spec, rank=rank, world=world, master=master, num_threads=num_threads, progress=self._progress)
+        return run_rank(spec, rank=rank, world=world, master=master, num_threads=num_threads, progress=self._progress,
+                        node=ray.get_runtime_context().get_node_id())
 
     def progress(self) -> dict[str, Any]:
         return {**self._progress, "pid": os.getpid()}
@@ -372,7 +375,7 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
         "l2_norm_mean": math.sqrt(sum(s["sumsq_mean"] for s in shards.values())),
         "tied": plan.tied,
         "parts": [{k: m.get(k) for k in ("part", "num_examples", "num_targets", "num_tokens", "compute_s",
-                                          "peak_rss_bytes")} for m in markers],
+                                          "peak_rss_bytes", "nodes")} for m in markers],
         "shards": {f: {"bytes": s["bytes"], "sha256": s["sha256"]} for f, s in shards.items()},
         "versions": _versions(),
         "elapsed_s": round(time.perf_counter() - t0, 3),

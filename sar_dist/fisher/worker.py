@@ -148,7 +148,7 @@ def _flat_range(numel: int, rank: int, world: int) -> tuple[int, int, int]:
 
 def run_rank(
     spec: PartSpec, *, rank: int, world: int, master: str, num_threads: int,
-    progress: MutableMapping[str, Any] | None = None,
+    progress: MutableMapping[str, Any] | None = None, node: str | None = None,
 ) -> dict[str, Any]:
     """Run one rank of one group to the end and write its share of the part.
 
@@ -158,6 +158,7 @@ def run_rank(
         master: ``host:port`` of rank 0's rendezvous (unused by a one-rank ``torch`` group).
         num_threads: torch intra-op threads.
         progress: updated in place (``examples``, ``targets``, ``tokens``) for the driver.
+        node: this rank's Ray node id, recorded in the part (rank 0 collects them).
 
     Returns:
         The part's counts (the same on every rank).
@@ -166,7 +167,7 @@ def run_rank(
     torch.set_num_threads(num_threads)
     if spec.engine == "torch":
         assert world == 1, "the torch engine runs one-rank groups"
-        return _finish(spec, *_accumulate_torch(spec, progress), dist=None, rank=0, world=1)
+        return _finish(spec, *_accumulate_torch(spec, progress), dist=None, rank=0, world=1, node=node)
     deepspeed = import_deepspeed(spec.device)
     # DeepSpeed warns about the zero-lr optimizer it is given on purpose, torch about the
     # collectives DeepSpeed calls: neither is actionable by a user of this stage
@@ -185,7 +186,7 @@ def run_rank(
     )
     try:
         acc, counts = _accumulate_zero3(spec, deepspeed, rank=rank, world=world, progress=progress)
-        return _finish(spec, acc, counts, dist=dist, rank=rank, world=world)
+        return _finish(spec, acc, counts, dist=dist, rank=rank, world=world, node=node)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -316,21 +317,24 @@ def _params_to_load(spec: PartSpec, params: dict[str, torch.nn.Parameter]):
 
 
 def _finish(spec: PartSpec, acc: dict[str, torch.Tensor], counts: Counts, *, dist: Any, rank: int,
-            world: int) -> dict[str, Any]:
+            world: int, node: str | None = None) -> dict[str, Any]:
     """Sum the counts over the group, write the part's shards, then (rank 0) its index and marker."""
     storage = Storage(spec.storage_options)
     totals = torch.tensor([counts.examples, counts.targets, counts.tokens], dtype=torch.int64)
     rss = torch.zeros(world, dtype=torch.int64)
     rss[rank] = _peak_rss_bytes()
+    nodes = [node]
     if world > 1:
         dist.all_reduce(totals)
         dist.all_reduce(rss)
+        nodes = [None] * world
+        dist.all_gather_object(nodes, node)
     _write_part(spec, storage, dist, acc, rank=rank, world=world)
     if world > 1:
         dist.barrier()
     result = {"part": spec.part, "num_examples": int(totals[0]), "num_targets": int(totals[1]),
               "num_tokens": int(totals[2]), "compute_s": round(counts.compute_s, 3),
-              "peak_rss_bytes": [int(x) for x in rss], "engine": spec.engine}
+              "peak_rss_bytes": [int(x) for x in rss], "engine": spec.engine, "nodes": nodes}
     if rank == 0:
         index = {"metadata": {"total_size": sum(4 * math.prod(s.shape) for s in spec.slots)},
                  "weight_map": {s.name: spec.files[s.owner] for s in spec.slots}}
