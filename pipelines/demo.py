@@ -9,7 +9,8 @@ code one, updating mostly different entries), computes each fine-tune's diagonal
 statistics on calibration data of its task (on Ray), merges them with SAR-Merging (or --method)
 through the same code path a cluster uses (local Ray, local files), verifies the
 output against its manifest, loads it with transformers and runs a forward pass,
-and prints how much of each fine-tune's update survived the merge.
+prints how much of each fine-tune's update survived the merge, and writes a
+`sar-dist analyze` report of the fine-tunes' update geometry (demo-out/analyze/).
 """
 
 from __future__ import annotations
@@ -135,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     stats = update_retention(paths, str(merged))
     print(f"\nwhat the {args.method} merge kept of each RLVR fine-tune's sparse update:")
     print(json.dumps(stats, indent=2))
-    return 0
+
+    # the update geometry that makes standard merges fail on RLVR models, as a report
+    report = root / "analyze"
+    print(f"\nsar-dist analyze (report, figures: {report}):", flush=True)
+    return cli_main(["analyze", "--base", paths["base"], "--model", paths["rl-math"], "--model", paths["rl-code"],
+                     "--fisher", str(root / "fisher" / "rl-math"), "--fisher", str(root / "fisher" / "rl-code"),
+                     "--output", str(report), "--executor", args.executor])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``sar-dist``: merge, Fisher statistics, inspect and verify checkpoints.
+"""``sar-dist``: merge, Fisher statistics, analyze, inspect and verify checkpoints.
 
 Exit codes: 0 done; 2 bad input or config (one line saying what and where, before
 anything is written); 1 any other failure.
@@ -63,6 +63,21 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     f.add_argument("--force", action="store_true", help="replace statistics of a different job at the output")
     f.add_argument("--json", action="store_true", help="print one JSON event per line (for orchestrators)")
+
+    a = sub.add_parser("analyze", help="update geometry of fine-tunes: sparsity, overlap, cosine, off-principal share")
+    a.add_argument("--base", required=True, help="base checkpoint directory URL")
+    a.add_argument("--model", action="append", required=True, help="fine-tuned checkpoint directory URL (repeatable)")
+    a.add_argument("--fisher", action="append", help="Fisher statistics directory, one per --model in the same order")
+    a.add_argument("--output", required=True, help="report directory URL")
+    a.add_argument("--tolerance", type=float, default=0.0, help="an entry is updated when |t| > this (default 0)")
+    a.add_argument("--rank-fraction", type=float, default=0.01, help="principal subspace size / min(m, n) (0.01)")
+    a.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto",
+                   help="SVD of the base's 2-D tensors (auto: exact up to min(m, n) = 1024)")
+    a.add_argument("--executor", choices=("ray", "local"), default="ray", help="where tensor tasks run (default: ray)")
+    a.add_argument("--ray-address", help="Ray cluster address; default: RAY_ADDRESS, else a local Ray")
+    a.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    a.add_argument("--storage-options", default="{}", help="fsspec options as JSON (no secrets)")
+    a.add_argument("--json", action="store_true", help="print the report summary as JSON")
 
     i = sub.add_parser("inspect", help="list tensors of a checkpoint from its headers")
     i.add_argument("url", help="checkpoint directory or .safetensors file")
@@ -309,6 +324,28 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if not problems else EXIT_FAILED
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from sar_dist.analyze.run import execute_analyze, prepare_analyze, render_markdown, summary
+
+    try:
+        options = _json_arg(args.storage_options, "--storage-options")
+        if not isinstance(options, dict):
+            raise BadInput("--storage-options: expected a JSON object")
+        plan = prepare_analyze(args.base, args.model, args.output, fisher=args.fisher, storage_options=options,
+                               tolerance=args.tolerance, rank_fraction=args.rank_fraction, svd=args.svd)
+    except (BadInput, ValueError) as e:
+        return _bad_input(e)
+    except OSError as e:
+        return _bad_input(f"{e.__class__.__name__}: {e}")
+    report = execute_analyze(plan, executor=args.executor, ray_address=args.ray_address, num_cpus=args.num_cpus)
+    if args.json:
+        print(json.dumps(summary(report)))
+    else:
+        text = render_markdown(report)
+        print(text.split("\n## Per module", 1)[0].rstrip())
+    return EXIT_OK
+
+
 def _bad_input(e: object) -> int:
     message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
     print(f"sar-dist: error: {message}", file=sys.stderr)
@@ -320,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[sar-dist] %(message)s", stream=sys.stderr)
     logger.setLevel(logging.INFO)  # our progress lines; other libraries stay at WARNING
-    handlers = {"merge": _cmd_merge, "fisher": _cmd_fisher, "inspect": _cmd_inspect, "verify": _cmd_verify}
+    handlers = {"merge": _cmd_merge, "fisher": _cmd_fisher, "inspect": _cmd_inspect, "verify": _cmd_verify,
+                "analyze": _cmd_analyze}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

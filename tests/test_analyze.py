@@ -1,0 +1,263 @@
+"""`sar-dist analyze`: numbers against hand-computed values on planted tensors, the CLI end to end,
+local vs Ray, and bad input (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sar_dist.analyze import run_analyze
+from sar_dist.analyze.run import FIGURES
+from sar_dist.analyze.stats import module_kind, svd_rank
+from sar_dist.checkpoint.index import content_fingerprint, open_checkpoint
+from sar_dist.cli import main as cli_main
+from sar_dist.storage import Storage
+from tests.conftest import load_safetensors_dir, run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+Q = "model.layers.0.self_attn.q_proj.weight"
+NORM = "model.norm.weight"
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    return str(path)
+
+
+def _save_fisher(path: Path, model_dir: str, sums: dict[str, torch.Tensor], num_examples: int) -> str:
+    """Fisher statistics in the Fisher stage's format: float32 sums + fisher.json (written last)."""
+    storage = Storage()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in sums.items()}, str(path / "fisher.safetensors"))
+    index = open_checkpoint(storage, model_dir)
+    manifest = {"format_version": 1, "num_examples": num_examples, "l2_norm_mean": 1.0,
+                "model": {"url": model_dir, "fingerprint": index.fingerprint(),
+                          "content_fingerprint": content_fingerprint(storage, index)}}
+    (path / "fisher.json").write_text(json.dumps(manifest))
+    return str(path)
+
+
+def _flat(shape: tuple[int, ...], values: dict[int, float]) -> torch.Tensor:
+    t = torch.zeros(shape).reshape(-1)
+    for i, v in values.items():
+        t[i] = v
+    return t.reshape(shape)
+
+
+# Planted task vectors on a 4x5 q_proj (N = 20) and a 4-entry norm (N = 4):
+#   t_a: q_proj entries 0..5 = [1, 1, -1, 2, 1, 1]                 |A| = 6, ||t_a||^2 = 9
+#   t_b: q_proj entries 3..9 = [1, -1, -2, 1, 1, 1, 1], norm[0] = 0.5   |B| = 7 + 1, ||t_b||^2 = 10.25
+# A & B = {3, 4, 5} (signs: same, opposite, opposite) -> 2 sign conflicts; t_a . t_b = 2 - 1 - 2 = -1
+T_A = {0: 1.0, 1: 1.0, 2: -1.0, 3: 2.0, 4: 1.0, 5: 1.0}
+T_B = {3: 1.0, 4: -1.0, 5: -2.0, 6: 1.0, 7: 1.0, 8: 1.0, 9: 1.0}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("planted")
+    base_q = torch.arange(20, dtype=torch.float32).reshape(4, 5) / 4  # exact in float32, ||.||^2 = 2470/16
+    base_n = torch.ones(4)
+    paths = {
+        "base": _save(root / "base", {Q: base_q, NORM: base_n}),
+        "a": _save(root / "a", {Q: base_q + _flat((4, 5), T_A), NORM: base_n}),
+        "b": _save(root / "b", {Q: base_q + _flat((4, 5), T_B), NORM: base_n + _flat((4,), {0: 0.5})}),
+        # another shape, and a missing tensor
+        "bad_shape": _save(root / "bad_shape", {Q: torch.zeros(5, 4), NORM: base_n}),
+        "bad_name": _save(root / "bad_name", {Q: base_q}),
+    }
+    # mean Fisher: a -> (index + 1) on q_proj, 1 on norm; b -> 0.5 everywhere (sums over 4 examples)
+    paths["fa"] = _save_fisher(root / "fa", paths["a"], {Q: 4 * torch.arange(1, 21, dtype=torch.float32)
+                                                         .reshape(4, 5), NORM: 4 * torch.ones(4)}, 4)
+    paths["fb"] = _save_fisher(root / "fb", paths["b"], {Q: torch.full((4, 5), 2.0), NORM: torch.full((4,), 2.0)}, 4)
+    return paths
+
+
+def test_module_kind_and_rank():
+    assert module_kind("model.layers.3.self_attn.k_proj.weight") == ("attention", "k_proj")
+    assert module_kind("model.layers.3.mlp.down_proj.weight") == ("mlp", "down_proj")
+    assert module_kind("model.layers.3.mlp.gate.weight") == ("mlp", "mlp")
+    assert module_kind("model.layers.3.self_attn.q_norm.weight") == ("norm", "norm")
+    assert module_kind("model.embed_tokens.weight") == ("embedding", "embed_tokens")
+    assert module_kind("lm_head.weight") == ("embedding", "lm_head")
+    assert module_kind("model.rotary.inv_freq") == ("other", "other")
+    assert svd_rank((4096, 11008), 0.01) == 41 and svd_rank((8, 6), 0.01) == 1 and svd_rank((8, 6), 1 / 3) == 2
+
+
+def test_planted_counts_overlap_signs_cosine_and_fisher(tmp_path, planted):
+    rep = run_analyze(planted["base"], [planted["a"], planted["b"]], str(tmp_path / "out"),
+                      fisher=[planted["fa"], planted["fb"]], executor="local")
+    base_norm = math.sqrt(2470 / 16 + 4)
+    ov = rep["overall"]
+    a, b = ov["models"]
+    assert ov["numel"] == 24 and rep["num_tensors"] == 2
+    assert (a["updated"], b["updated"]) == (6, 8)
+    assert a["density"] == pytest.approx(6 / 24, abs=1e-15) and a["sparsity"] == pytest.approx(18 / 24, abs=1e-15)
+    assert b["density"] == pytest.approx(8 / 24, abs=1e-15)
+    assert a["update_norm"] == pytest.approx(3.0, rel=1e-12)
+    assert a["relative_norm"] == pytest.approx(3.0 / base_norm, rel=1e-12)
+    assert b["relative_norm"] == pytest.approx(math.sqrt(10.25) / base_norm, rel=1e-12)
+    assert (a["updated_in_overlap"], b["updated_in_overlap"]) == (3, 3)
+    # Fisher: a: sum (i+1) t_a^2 = 1+2+3+16+5+6 = 33, in the overlap {3,4,5}: 16+5+6 = 27
+    #         b: 0.5 * 10.25 = 5.125, in the overlap: 0.5 * (1+1+4) = 3
+    assert a["fisher_sensitivity"] == pytest.approx(33.0, rel=1e-12)
+    assert a["fisher_overlap_share"] == pytest.approx(27 / 33, rel=1e-12)
+    assert b["fisher_overlap_share"] == pytest.approx(3 / 5.125, rel=1e-12)
+
+    (pair,) = ov["pairs"]
+    n, p, q = 24, 6 / 24, 8 / 24
+    assert (pair["intersection"], pair["union"], pair["sign_conflicts"]) == (3, 11, 2)
+    assert pair["jaccard"] == pytest.approx(3 / 11, rel=1e-12)
+    assert pair["jaccard_chance"] == pytest.approx(p * q / (p + q - p * q), rel=1e-12)
+    assert pair["overlap_over_smaller"] == pytest.approx(3 / 6, rel=1e-12)
+    assert pair["overlap_over_smaller_chance"] == pytest.approx(q, rel=1e-12)  # pq / min(p, q)
+    assert pair["expected_intersection"] == pytest.approx(n * p * q, rel=1e-12)  # = 2.0
+    assert pair["intersection_vs_chance"] == pytest.approx(1.5, rel=1e-12)
+    assert pair["expected_intersection_per_tensor"] == pytest.approx(6 * 7 / 20 + 0, rel=1e-12)
+    assert pair["sign_conflict_rate"] == pytest.approx(2 / 3, rel=1e-12)
+    assert pair["cosine"] == pytest.approx(-1 / math.sqrt(9 * 10.25), rel=1e-12)
+
+    # per module: the q_proj alone (N = 20: p = 0.3, q = 0.35), the norm alone; per layer: only layer 0
+    att = rep["per_module"]["attention"]
+    assert att["numel"] == 20 and att["pairs"][0]["jaccard"] == pytest.approx(3 / 10, rel=1e-12)
+    assert att["pairs"][0]["jaccard_chance"] == pytest.approx(0.105 / 0.545, rel=1e-12)
+    assert att["pairs"][0]["cosine"] == pytest.approx(-1 / math.sqrt(90), rel=1e-12)
+    norm = rep["per_module"]["norm"]
+    assert [m["updated"] for m in norm["models"]] == [0, 1] and norm["pairs"][0]["cosine"] is None
+    assert norm["pairs"][0]["jaccard"] == 0 and norm["pairs"][0]["sign_conflict_rate"] is None
+    assert [entry["layer"] for entry in rep["per_layer"]] == [0]
+    assert rep["per_layer"][0]["models"][1]["updated"] == 7
+    by_name = {t["name"]: t for t in rep["per_tensor"]}
+    assert by_name[Q]["svd"] == {"method": "exact", "rank": 1, "q": 4} and by_name[NORM]["svd"] is None
+    assert by_name[NORM]["models"][0]["off_principal_share"] is None  # 1-D: not defined
+    assert by_name[NORM]["models"][0]["relative_norm"] == 0.0
+
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["overall"] == rep["overall"] and written["inputs"]["fisher"] == [planted["fa"], planted["fb"]]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| a / b | 0.2727 | " in md and "66.7% (2 of 3)" in md
+
+
+def test_tolerance(tmp_path):
+    base = torch.arange(10, dtype=torch.float32)
+    t = _flat((10,), {0: 1e-3, 1: -1e-3, 2: 0.5})
+    b = _save(tmp_path / "base", {"w": base})
+    m = _save(tmp_path / "m", {"w": base + t})
+    r0 = run_analyze(b, [m], str(tmp_path / "o0"), executor="local")
+    r1 = run_analyze(b, [m], str(tmp_path / "o1"), executor="local", tolerance=0.01)
+    assert r0["overall"]["models"][0]["updated"] == 3 and r1["overall"]["models"][0]["updated"] == 1
+    assert r1["overall"]["pairs"] == [] and r1["settings"]["tolerance"] == 0.01
+    assert set(p.name for p in (tmp_path / "o1").iterdir()) == {"report.json", "report.md", *FIGURES}
+
+
+def test_off_principal_share(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    s = torch.tensor([10.0, 5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    w = u[:, :6] @ torch.diag(s) @ v.T
+    m_in = torch.randn(2, 2, generator=g, dtype=torch.float64)
+    m_out = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    t_in = u[:, :2] @ m_in @ v[:, :2].T  # inside the rank-2 principal block
+    t_out = u[:, 2:6] @ m_out @ v[:, 2:6].T  # orthogonal to it on both sides
+    name = "model.layers.0.mlp.down_proj.weight"
+    base = _save(tmp_path / "base", {name: w.float()})
+    models = [_save(tmp_path / k, {name: (w + t).float()}) for k, t in
+              (("in", t_in), ("out", t_out), ("mix", t_in + t_out))]
+    # the stored updates, as the analysis sees them (float32 values minus float32 base)
+    stored = [(load_safetensors_dir(mdir)[name] - w.float()).double() for mdir in models]
+    expected_mix = stored[2].sub(u[:, :2] @ (u[:, :2].T @ stored[2] @ v[:, :2]) @ v[:, :2].T).square().sum()
+    expected_mix = float(expected_mix / stored[2].square().sum())
+    assert 0.05 < expected_mix < 0.95
+    shares = {}
+    for mode in ("auto", "randomized"):
+        rep = run_analyze(base, models, str(tmp_path / mode), executor="local", rank_fraction=1 / 3, svd=mode)
+        shares[mode] = [m["off_principal_share"] for m in rep["overall"]["models"]]
+        assert rep["per_tensor"][0]["svd"]["method"] == ("exact" if mode == "auto" else "randomized")
+        assert rep["per_tensor"][0]["svd"]["rank"] == 2 and rep["settings"]["svd_counts"] == {
+            rep["per_tensor"][0]["svd"]["method"]: 1}
+        assert shares[mode][0] == pytest.approx(0.0, abs=1e-6)
+        assert shares[mode][1] == pytest.approx(1.0, abs=1e-6)
+        assert shares[mode][2] == pytest.approx(expected_mix, rel=1e-5)
+        assert rep["per_layer"][0]["models"][2]["off_principal_share"] == shares[mode][2]
+    assert shares["auto"] == pytest.approx(shares["randomized"], abs=1e-6)
+
+
+def test_cli_end_to_end(tmp_path, tiny_models):
+    out = tmp_path / "report"
+    r = run_cli("analyze", "--base", tiny_models["base"], "--model", tiny_models["ft1"], "--model",
+                tiny_models["ft2"], "--model", tiny_models["ft3"], "--output", str(out), "--executor", "local",
+                "--json")
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout)
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", *FIGURES}
+    for name in FIGURES:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    rep = json.loads((out / "report.json").read_text())
+    assert printed["overall"] == rep["overall"] and rep["settings"]["svd_counts"] == {"exact": 16}
+    assert [entry["layer"] for entry in rep["per_layer"]] == [0, 1]
+    assert set(rep["per_module"]) == {"attention", "mlp", "embedding", "norm"}
+    # counts against a direct computation from the tensors
+    base = load_safetensors_dir(tiny_models["base"])
+    fts = [load_safetensors_dir(tiny_models[k]) for k in ("ft1", "ft2", "ft3")]
+    masks = [torch.cat([(ft[n].float() != b.float()).reshape(-1) for n, b in base.items()]) for ft in fts]
+    assert [m["updated"] for m in rep["overall"]["models"]] == [int(m.sum()) for m in masks]
+    assert rep["overall"]["pairs"][0]["intersection"] == int((masks[0] & masks[1]).sum())
+    deltas = [torch.cat([(ft[n].double() - b.double()).reshape(-1) for n, b in base.items()]) for ft in fts]
+    cos = float(deltas[1] @ deltas[2] / (deltas[1].norm() * deltas[2].norm()))
+    assert rep["overall"]["pairs"][2]["cosine"] == pytest.approx(cos, rel=1e-6)
+    md = (out / "report.md").read_text()
+    assert "## Per model" in md and "ft1 / ft2" in md and "## Reading" in md
+
+
+def test_local_and_ray_give_the_same_numbers(tmp_path, tiny_models, ray_local, monkeypatch):
+    import sar_dist.analyze.run as run_mod
+
+    models = [tiny_models["ft1"], tiny_models["ft2"]]
+    local = run_analyze(tiny_models["base"], models, str(tmp_path / "local"), executor="local")
+    monkeypatch.setattr(run_mod, "GROUP_BYTES", 50_000)  # several tasks, small tensors grouped
+    ray_rep = run_analyze(tiny_models["base"], models, str(tmp_path / "ray"), executor="ray")
+    assert ray_local.is_initialized()  # the fixture's Ray was used, not shut down
+    assert ray_rep["settings"]["executor"] == "ray" and 3 < ray_rep["settings"]["tasks"] < 21
+    assert local["settings"]["tasks"] == 1
+    for key in ("overall", "per_module", "per_kind", "per_layer", "per_tensor"):
+        assert ray_rep[key] == local[key], key
+
+
+def _cli(*args: str) -> int:
+    return cli_main(["analyze", *args, "--executor", "local"])
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, planted, capsys, monkeypatch):
+    import sar_dist.analyze.stats as stats_mod
+
+    def no_data(*a, **k):
+        raise AssertionError("tensor data read during validation")
+
+    monkeypatch.setattr(stats_mod, "read_tensor", no_data)
+    out = tmp_path / "out"
+    p = planted
+    cases = [
+        (["--base", p["base"], "--model", str(tmp_path / "nope")], "no such directory"),
+        (["--base", p["base"], "--model", p["a"], "--model", p["bad_shape"]], "has shape [5, 4]"),
+        (["--base", p["base"], "--model", p["bad_name"]], f"tensor '{NORM}' of the base is missing"),
+        (["--base", p["base"], "--model", p["a"], "--model", p["b"], "--fisher", p["fa"]], "--fisher given 1"),
+        (["--base", p["base"], "--model", p["a"], "--model", p["b"], "--fisher", p["fb"], "--fisher", p["fa"]],
+         "were computed for model"),
+        (["--base", p["base"], "--model", p["a"], "--rank-fraction", "0"], "--rank-fraction"),
+        (["--base", p["base"], "--model", p["a"], "--storage-options", '{"secret": "x"}'], "credential"),
+    ]
+    for args, message in cases:
+        assert _cli(*args, "--output", str(out)) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sar-dist: error: ") and message in err and "\n" not in err, err
+        assert not out.exists()
+    with pytest.raises(ValueError, match="has shape"):
+        run_analyze(p["base"], [p["bad_shape"]], str(out), executor="local")
+    assert not out.exists()
