@@ -25,6 +25,26 @@ from typing import Any, BinaryIO
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az", "oss"})
 
 
+@contextmanager
+def naming(url: str) -> Iterator[None]:
+    """Put the URL into an ``OSError`` raised by a remote filesystem, keeping its type.
+
+    Clients retry transient failures themselves; what escapes has exhausted them, and the
+    user must learn which object failed (botocore's messages name only the operation).
+    """
+    try:
+        yield
+    except OSError as e:
+        where = display_url(url)
+        if where in str(e):
+            raise
+        try:
+            named = type(e)(e.errno, f"{where}: {e.strerror}") if e.errno is not None else type(e)(f"{where}: {e}")
+        except Exception:  # noqa: BLE001 - an OSError subclass with another signature
+            raise e from None
+        raise named from e
+
+
 def is_local(url: str) -> bool:
     """True for plain paths and ``file://`` URLs."""
     return "://" not in url or url.startswith("file://")
@@ -119,7 +139,8 @@ class Storage:
         if is_local(url):
             return os.path.getsize(_local_path(url))
         fs, path = self._remote(url)
-        return int(fs.size(path))
+        with naming(url):
+            return int(fs.size(path))
 
     def listdir(self, url: str) -> list[str]:
         """Names (not URLs) of the entries directly under ``url``; [] if it is absent."""
@@ -146,7 +167,8 @@ class Storage:
                 self._readinto_at(f, memoryview(buf), start)
             return buf
         fs, path = self._remote(url)
-        data = fs.cat_file(path, start=start, end=end)
+        with naming(url):
+            data = fs.cat_file(path, start=start, end=end)
         if len(data) != length:
             raise EOFError(
                 f"{display_url(url)}: wanted bytes [{start}, {end}), got {len(data)}"
@@ -180,7 +202,8 @@ class Storage:
             with open(_local_path(url), "rb") as f:
                 return f.read()
         fs, path = self._remote(url)
-        return fs.cat_file(path)
+        with naming(url):
+            return fs.cat_file(path)
 
     # --- writing ---------------------------------------------------------------
     def write_bytes(self, url: str, data: bytes) -> None:
@@ -219,14 +242,17 @@ class Storage:
         if url.split("://", 1)[0] in OBJECT_STORES:
             # parts upload as we go; the object appears on commit() (multipart
             # complete) and discard() aborts the upload
-            f = fs.open(path, "wb", autocommit=False)
+            with naming(url):
+                f = fs.open(path, "wb", autocommit=False)
             try:
                 yield f
-                f.close()
+                with naming(url):
+                    f.close()
             except BaseException:
                 f.discard()
                 raise
-            f.commit()
+            with naming(url):
+                f.commit()
             return
         # filesystems without transactional files (memory://, ...): write a hidden
         # temporary name, then move it into place
