@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sar_dist.checkpoint.format import build_header, order_for_writing  # noqa: E402
+from sar_dist.checkpoint.format import build_header, order_for_writing, pack_in_order  # noqa: E402
 from sar_dist.checkpoint.index import content_fingerprint, open_checkpoint  # noqa: E402
 from sar_dist.config import MergeJob, parse_size  # noqa: E402
 from sar_dist.fisher.plan import FORMAT_VERSION, MANIFEST  # noqa: E402
@@ -42,15 +42,7 @@ def write_sparse_checkpoint(root: Path, shapes: dict[str, tuple[int, ...]], dtyp
     """Headers for real, data as holes: each shard is its header, then truncate() to full size."""
     itemsize = {"BF16": 2, "F32": 4}[dtype]
     root.mkdir(parents=True, exist_ok=True)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        n = math.prod(shape) * itemsize
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
+    shards = pack_in_order([(n, math.prod(s) * itemsize) for n, s in shapes.items()], shard_bytes)
     weight_map = {}
     for i, names in enumerate(shards):
         file = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"

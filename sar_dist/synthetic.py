@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sar_dist.checkpoint.format import TORCH_TO_ST, order_for_writing
+from sar_dist.checkpoint.format import TORCH_TO_ST, order_for_writing, pack_in_order
 from sar_dist.checkpoint.index import content_fingerprint, open_checkpoint
 from sar_dist.checkpoint.reader import read_tensor
 from sar_dist.checkpoint.writer import ShardWriter
@@ -112,15 +112,7 @@ def write_checkpoint(
     """
     st = TORCH_TO_ST[dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        n = math.prod(shape) * itemsize
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
+    shards = pack_in_order([(n, math.prod(s) * itemsize) for n, s in shapes.items()], max_shard_bytes)
     files = (
         [f"{stem}.safetensors"]
         if len(shards) == 1

@@ -246,7 +246,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, planted, capsys, monkeyp
     cases = [
         (["--base", p["base"], "--model", str(tmp_path / "nope")], "no such directory"),
         (["--base", p["base"], "--model", p["a"], "--model", p["bad_shape"]], "has shape [5, 4]"),
-        (["--base", p["base"], "--model", p["bad_name"]], f"tensor '{NORM}' of the base is missing"),
+        (["--base", p["base"], "--model", p["bad_name"]], f"missing tensor '{NORM}' (present in the base)"),
         (["--base", p["base"], "--model", p["a"], "--model", p["b"], "--fisher", p["fa"]], "--fisher given 1"),
         (["--base", p["base"], "--model", p["a"], "--model", p["b"], "--fisher", p["fb"], "--fisher", p["fa"]],
          "were computed for model"),

@@ -30,7 +30,7 @@ from sar_dist.analyze.stats import (
     module_kind,
     run_group,
 )
-from sar_dist.checkpoint.index import CheckpointIndex, open_checkpoint
+from sar_dist.checkpoint.index import CheckpointIndex, layout_problems, open_checkpoint
 from sar_dist.plan.params import layer_index
 from sar_dist.storage import Storage, display_url, join
 
@@ -96,17 +96,10 @@ def _labels(urls: Sequence[str]) -> list[str]:
 
 
 def _check_same_tensors(base: CheckpointIndex, model: CheckpointIndex, what: str) -> None:
-    where = f"{what} {display_url(model.url)}"
-    for name, ref in base.tensors.items():
-        other = model.tensors.get(name)
-        if other is None:
-            raise ValueError(f"{where}: tensor '{name}' of the base is missing")
-        if other.info.shape != ref.info.shape:
-            raise ValueError(f"{where}: tensor '{name}' has shape {list(other.info.shape)}, the base has "
-                             f"{list(ref.info.shape)}")
-    extra = [n for n in model.tensors if n not in base.tensors]
-    if extra:
-        raise ValueError(f"{where}: tensor '{extra[0]}' is not in the base {display_url(base.url)}")
+    # dtypes may differ: every tensor is compared in float32
+    problems = layout_problems("the base", base, model, what, dtypes=False)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def _group(jobs: Sequence[TensorJob], inputs: int) -> list[list[TensorJob]]:

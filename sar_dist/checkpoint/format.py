@@ -149,6 +149,20 @@ def parse_header(
     return data_start, tensors, metadata
 
 
+def pack_in_order(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Greedy shard packing in the given order: a new shard starts when the next item would
+    push the current one past ``max_bytes`` (an item larger than that gets a shard alone)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, n in sizes:
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
 def order_for_writing(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> list[tuple[str, str, tuple[int, ...]]]:
     """Order (name, dtype, shape) entries as safetensors lays them out: itemsize desc, name."""
     return sorted(entries, key=lambda e: (-DTYPES[e[1]][1], e[0]))

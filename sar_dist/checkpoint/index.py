@@ -59,6 +59,30 @@ class CheckpointIndex:
         return h.hexdigest()
 
 
+def layout_problems(ref_name: str, ref: CheckpointIndex, other: CheckpointIndex, what: str, *,
+                    dtypes: bool = True) -> list[str]:
+    """Every way ``other`` differs from ``ref`` in tensor names, shapes and (optionally) dtypes,
+    one message each naming the file and tensor."""
+    problems = []
+    for name, r in ref.tensors.items():
+        o = other.tensors.get(name)
+        if o is None:
+            problems.append(f"{what} {display_url(other.url)}: missing tensor '{name}' (present in {ref_name})")
+        elif o.info.shape != r.info.shape:
+            problems.append(
+                f"{display_url(o.file)}: tensor '{name}' has shape {list(o.info.shape)}, "
+                f"{ref_name} has {list(r.info.shape)}"
+            )
+        elif dtypes and o.info.dtype != r.info.dtype:
+            problems.append(
+                f"{display_url(o.file)}: tensor '{name}' is {o.info.dtype}, {ref_name} has {r.info.dtype}"
+            )
+    for name in other.tensors:
+        if name not in ref.tensors:
+            problems.append(f"{display_url(other.tensors[name].file)}: extra tensor '{name}' not in {ref_name}")
+    return problems
+
+
 SAMPLE_BLOCKS = 8
 SAMPLE_BLOCK_BYTES = 2**16
 

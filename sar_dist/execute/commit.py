@@ -23,7 +23,7 @@ from sar_dist.storage import Storage, display_url, join
 
 logger = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
-_VERSIONED = ("sar-dist", "torch", "safetensors", "fsspec", "s3fs", "ray", "transformers")
+_VERSIONED = ("sar-dist", "torch", "safetensors", "fsspec", "s3fs", "ray", "transformers", "deepspeed")
 
 
 def read_manifest(storage: Storage, output: str) -> dict[str, Any] | None:
@@ -95,7 +95,8 @@ def finished_shards(storage: Storage, plan: Plan) -> dict[int, ShardResult]:
     return done
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Python and the installed versions of the packages a result depends on (manifests)."""
     out = {"python": platform.python_version()}
     for pkg in _VERSIONED:
         try:
@@ -137,7 +138,7 @@ def commit(storage: Storage, plan: Plan, results: Iterable[ShardResult], *, star
         "plan_id": plan.plan_id,
         "config": plan.job,
         "inputs": plan.inputs,
-        "versions": _versions(),
+        "versions": package_versions(),
         "started": started,
         "finished": time.time(),
         "shards": [

@@ -163,7 +163,7 @@ class FisherJob:
         integration ("auto": reduce bucket hidden**2 elements, prefetch bucket 0.9 * hidden**2,
         persistence threshold 10 * hidden) instead of DeepSpeed's fixed 5e8-element reduce
         bucket: with one example per step the whole gradient goes through that bucket, and
-        on CPU (gloo) the fixed size cost 30% more time and 1.2 GB more per rank on a 121M
+        on CPU (gloo) the fixed size cost 27% more time and up to 1.2 GiB more per rank on a 121M
         model (bench/README.md).
         """
         zero: dict[str, Any] = {"stage": 3}

@@ -40,8 +40,7 @@ class CalibrationData:
         sha256: of the data file's bytes.
         num_records: records in the file.
         truncated: examples cut to ``max_length``.
-        num_targets: target tokens over the examples used.
-        num_tokens: input tokens over the examples used.
+        tokenizer_sha256: of the tokenizer.json used (None for pre-tokenized data).
     """
 
     examples: tuple[Example, ...]
@@ -49,6 +48,7 @@ class CalibrationData:
     sha256: str
     num_records: int
     truncated: int
+    tokenizer_sha256: str | None = None
 
     @property
     def num_targets(self) -> int:
@@ -59,8 +59,8 @@ class CalibrationData:
         return sum(len(e.input_ids) for e in self.examples)
 
 
-def load_tokenizer(storage: Storage, url: str) -> Any:
-    """A ``tokenizers.Tokenizer`` from ``URL/tokenizer.json``.
+def load_tokenizer(storage: Storage, url: str) -> tuple[Any, str]:
+    """A ``tokenizers.Tokenizer`` from ``URL/tokenizer.json``, and the file's sha256.
 
     Raises:
         ValueError: no ``tokenizer.json`` there, or not a valid one.
@@ -73,8 +73,9 @@ def load_tokenizer(storage: Storage, url: str) -> Any:
             f"tokenizer {display_url(url)}: no tokenizer.json; text data needs one (set 'tokenizer:' to a "
             f"directory that has it, or give pre-tokenized {{\"input_ids\"}} records)"
         )
+    raw = storage.read_bytes(path)
     try:
-        return Tokenizer.from_str(storage.read_bytes(path).decode("utf-8"))
+        return Tokenizer.from_str(raw.decode("utf-8")), hashlib.sha256(raw).hexdigest()
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types
         raise ValueError(f"{display_url(path)}: cannot load the tokenizer ({e})") from None
 
@@ -138,11 +139,11 @@ def load_examples(
         records.append((n, rec))
     assert fmt is not None
 
-    tokenizer = None
+    tokenizer = tokenizer_sha = None
     if fmt != "tokenized":
-        tokenizer = load_tokenizer(storage, tokenizer_url) if tokenizer_url else None
-        if tokenizer is None:
+        if not tokenizer_url:
             raise ValueError(f"data {where}: text records need a tokenizer")
+        tokenizer, tokenizer_sha = load_tokenizer(storage, tokenizer_url)
 
     used = records if num_examples is None else records[:num_examples]
     examples: list[Example] = []
@@ -168,9 +169,9 @@ def load_examples(
                     f"{at}: no target tokens within max_length={max_length} (the prompt alone is longer); "
                     f"raise max_length or drop the record"
                 )
-        examples.append(Example(index=index, line=n, input_ids=tuple(ids), labels=tuple(labels)))
+        examples.append(Example(index=index, input_ids=tuple(ids), labels=tuple(labels)))
     return CalibrationData(examples=tuple(examples), format=fmt, sha256=sha, num_records=len(records),
-                           truncated=truncated)
+                           truncated=truncated, tokenizer_sha256=tokenizer_sha)
 
 
 def _record_format(rec: dict[str, Any], at: str) -> str:

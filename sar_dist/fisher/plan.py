@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from sar_dist.checkpoint.format import pack_in_order
 from sar_dist.checkpoint.index import CheckpointIndex, content_fingerprint, open_checkpoint, read_json
 from sar_dist.fisher.config import FisherJob
 from sar_dist.fisher.data import CalibrationData, load_examples
@@ -134,7 +134,7 @@ def build_fisher_plan(job: FisherJob) -> FisherPlan:
 
     ds_config = job.deepspeed_config(hidden_size=model_config.get("hidden_size"))
     model_content = content_fingerprint(storage, checkpoint)
-    job_id = _job_id(job, model_content, data, storage, ds_config)
+    job_id = _job_id(job, model_content, data, ds_config)
     world = job.ranks_per_group
     owners = _assign_owners(checkpoint, world)
     files = {r: f"{STATS_STEM}-{r + 1:05d}-of-{world:05d}.safetensors" for r in sorted(set(owners.values()))}
@@ -180,31 +180,18 @@ def _assign_owners(checkpoint: CheckpointIndex, world: int) -> dict[str, int]:
 
 
 def _pack_shards(checkpoint: CheckpointIndex, max_bytes: int) -> dict[str, list[str]]:
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, ref in checkpoint.tensors.items():
-        n = 4 * ref.info.numel
-        if groups[-1] and size + n > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += n
+    groups = pack_in_order([(name, 4 * ref.info.numel) for name, ref in checkpoint.tensors.items()], max_bytes)
     total = len(groups)
     return {f"{STATS_STEM}-{i + 1:05d}-of-{total:05d}.safetensors": names for i, names in enumerate(groups)}
 
 
-def _job_id(job: FisherJob, model_content: str, data: CalibrationData, storage: Storage,
-            ds_config: dict[str, Any]) -> str:
+def _job_id(job: FisherJob, model_content: str, data: CalibrationData, ds_config: dict[str, Any]) -> str:
     """Everything the statistics depend on; parts from another job are never reused."""
-    tok = job.tokenizer or job.model
-    tok_sha = None
-    if data.format != "tokenized":
-        tok_sha = hashlib.sha256(storage.read_bytes(join(tok, "tokenizer.json"))).hexdigest()
     ident = {
         "format_version": FORMAT_VERSION,
         "model": model_content,
         "data": data.sha256,
-        "tokenizer": tok_sha,
+        "tokenizer": data.tokenizer_sha256,
         "num_examples": len(data.examples),
         "max_length": job.max_length,
         "overlength": job.overlength,
@@ -227,6 +214,3 @@ def part_is_complete(storage: Storage, part: PartSpec) -> dict[str, Any] | None:
         return None
     return marker
 
-
-def steps_of(part: PartSpec, world: int) -> int:
-    return math.ceil(len(part.examples) / world)

@@ -30,6 +30,7 @@ from sar_dist.checkpoint.format import order_for_writing
 from sar_dist.checkpoint.index import open_checkpoint, read_json
 from sar_dist.checkpoint.reader import read_tensor
 from sar_dist.checkpoint.writer import ShardWriter
+from sar_dist.execute.commit import package_versions
 from sar_dist.execute.ray_executor import ensure_ray
 from sar_dist.fisher.plan import FORMAT_VERSION, MANIFEST, PARTS_DIR, STATS_STEM, FisherPlan, part_is_complete
 from sar_dist.fisher.types import PartSpec
@@ -173,6 +174,8 @@ def _run_parts(plan: FisherPlan, emit: Callable[[Event], None], poll_s: float) -
     total_targets = plan.data.num_targets
     done_examples = sum(m["num_examples"] for m in markers.values())
     done_targets = sum(m["num_targets"] for m in markers.values())
+    # rates count this run's work only: resumed parts and finished parts' ranks leave `live`
+    run_targets = run_tokens = 0
     emit({"event": "start", "output": display_url(job.output), "parts_total": len(plan.parts),
           "parts_resumed": len(markers), "examples_total": total_examples, "target_tokens_total": total_targets,
           "groups": job.groups, "ranks_per_group": world, "cpus_per_rank": cpus, "estimator": job.estimator})
@@ -232,6 +235,8 @@ def _run_parts(plan: FisherPlan, emit: Callable[[Event], None], poll_s: float) -
                     markers[part_id] = marker
                     done_examples += marker["num_examples"]
                     done_targets += marker["num_targets"]
+                    run_targets += marker["num_targets"]
+                    run_tokens += marker["num_tokens"]
                     for r in range(world):
                         live.pop((part_id, r), None)
                     del active[part_id]
@@ -241,11 +246,12 @@ def _run_parts(plan: FisherPlan, emit: Callable[[Event], None], poll_s: float) -
             if active and now - last_report >= poll_s:
                 last_report = now
                 _poll(active, live)
+                live_targets = sum(v.get("targets", 0) for v in live.values())
                 ex = done_examples + sum(v.get("examples", 0) for v in live.values())
-                tg = done_targets + sum(v.get("targets", 0) for v in live.values())
-                tok = sum(v.get("tokens", 0) for v in live.values())
+                tg = done_targets + live_targets
+                tok = run_tokens + sum(v.get("tokens", 0) for v in live.values())
                 elapsed = now - t_start
-                rate = tg / elapsed if elapsed > 0 else 0.0
+                rate = (run_targets + live_targets) / elapsed if elapsed > 0 else 0.0
                 emit({"event": "progress", "examples_done": ex, "examples_total": total_examples,
                       "target_tokens_done": tg, "target_tokens_total": total_targets,
                       "tokens_per_s": round(tok / elapsed, 1) if elapsed > 0 else 0.0,
@@ -303,18 +309,6 @@ def reduce_shard(storage_options: dict[str, Any], part_urls: list[str], url: str
                 sumsq += float((acc.double() / num_examples).square().sum())
                 w.write(name, acc)
     return {"sha256": w.sha256, "bytes": w.total_bytes, "sumsq_mean": sumsq}
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("sar-dist", "torch", "deepspeed", "transformers", "ray", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Callable[[Event], None],
@@ -377,7 +371,7 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
         "parts": [{k: m.get(k) for k in ("part", "num_examples", "num_targets", "num_tokens", "compute_s",
                                           "peak_rss_bytes", "nodes")} for m in markers],
         "shards": {f: {"bytes": s["bytes"], "sha256": s["sha256"]} for f, s in shards.items()},
-        "versions": _versions(),
+        "versions": package_versions(),
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
     storage.write_bytes(join(job.output, MANIFEST), json.dumps(manifest, indent=2).encode())

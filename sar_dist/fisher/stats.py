@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sar_dist.checkpoint.index import CheckpointIndex, content_fingerprint, open_checkpoint, read_json
+from sar_dist.checkpoint.index import CheckpointIndex, content_fingerprint, layout_problems, open_checkpoint, read_json
 from sar_dist.fisher.plan import FORMAT_VERSION, MANIFEST, STATS_STEM
 from sar_dist.storage import Storage, display_url, join
 
@@ -63,16 +63,9 @@ def open_fisher(storage: Storage, url: str, model: CheckpointIndex) -> FisherSta
             f"{where} were computed for model {recorded.get('url')!s} (fingerprint "
             f"{str(theirs)[:12]}), not for model {display_url(model.url)} (fingerprint {ours[:12]})"
         )
-    for name, ref in model.tensors.items():
-        f = index.tensors.get(name)
-        if f is None:
-            raise ValueError(f"{where}: missing tensor '{name}' of model {display_url(model.url)}")
-        if f.info.shape != ref.info.shape:
-            raise ValueError(f"{display_url(f.file)}: tensor '{name}' has shape {list(f.info.shape)}, model "
-                             f"{display_url(model.url)} has {list(ref.info.shape)}")
-        if f.info.dtype != "F32":
-            raise ValueError(f"{display_url(f.file)}: tensor '{name}' is {f.info.dtype}; statistics are F32")
-    extra = [n for n in index.tensors if n not in model.tensors]
-    if extra:
-        raise ValueError(f"{where}: tensor '{extra[0]}' is not in model {display_url(model.url)}")
+    problems = layout_problems(f"model {display_url(model.url)}", model, index, "fisher statistics", dtypes=False)
+    problems += [f"{display_url(f.file)}: tensor '{n}' is {f.info.dtype}; statistics are F32"
+                 for n, f in index.tensors.items() if f.info.dtype != "F32"]
+    if problems:
+        raise ValueError(problems[0])
     return FisherStats(index=index, manifest=manifest)

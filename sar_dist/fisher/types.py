@@ -18,13 +18,11 @@ class Example:
 
     Attributes:
         index: position among the examples used (keys the ``sampled`` estimator's draws).
-        line: 1-based line of the JSONL record it came from (for messages).
         input_ids: token ids.
         labels: targets, same length as ``input_ids``.
     """
 
     index: int
-    line: int
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
 

@@ -139,11 +139,12 @@ def target_log_likelihood(
     return logp.gather(1, targets.unsqueeze(1)).sum()
 
 
-def _flat_range(numel: int, rank: int, world: int) -> tuple[int, int, int]:
-    """ZeRO-3's partition of a flattened parameter: ``(start, end, partition_numel)``."""
+def _flat_range(numel: int, rank: int, world: int) -> tuple[int, int]:
+    """ZeRO-3's partition of a flattened parameter: elements ``[start, end)`` (the last
+    partition is padded by DeepSpeed beyond ``numel``)."""
     per = math.ceil(numel / world)
     start = min(rank * per, numel)
-    return start, min(start + per, numel), per
+    return start, min(start + per, numel)
 
 
 def run_rank(
@@ -279,7 +280,7 @@ def _accumulate_zero3(spec: PartSpec, deepspeed: Any, *, rank: int, world: int,
     # sharded load: each rank range-reads its own slice of each flattened tensor into its
     # partition, before the engine copies partitions into its flat buffers
     for p, name in _params_to_load(spec, params):
-        start, end, _ = _flat_range(p.ds_numel, rank, world)
+        start, end = _flat_range(p.ds_numel, rank, world)
         p.ds_tensor.data[: end - start].copy_(read_flat(storage, checkpoint.tensors[name], start, end))
     unique = dict(model.named_parameters())
     for p in unique.values():

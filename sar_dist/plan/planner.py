@@ -14,8 +14,8 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, build_header, order_for_writing
-from sar_dist.checkpoint.index import CheckpointIndex, open_checkpoint, read_json
+from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, build_header, order_for_writing, pack_in_order
+from sar_dist.checkpoint.index import CheckpointIndex, layout_problems, open_checkpoint, read_json
 from sar_dist.checkpoint.writer import SAFETENSORS_METADATA
 from sar_dist.config import MergeJob
 from sar_dist.fisher.stats import FisherStats, open_fisher
@@ -65,27 +65,6 @@ def _pick_chunk_rows(job: TensorJob, elementwise: bool, budget: int) -> tuple[in
     per_row = unit_bytes(job, 1)
     fit = max(1, budget // per_row)
     return int(fit), per_row <= budget
-
-
-def _compare(ref_name: str, ref: CheckpointIndex, other: CheckpointIndex, what: str) -> list[str]:
-    problems = []
-    for name, r in ref.tensors.items():
-        o = other.tensors.get(name)
-        if o is None:
-            problems.append(f"{what} {display_url(other.url)}: missing tensor '{name}' (present in {ref_name})")
-        elif o.info.shape != r.info.shape:
-            problems.append(
-                f"{display_url(o.file)}: tensor '{name}' has shape {list(o.info.shape)}, "
-                f"{ref_name} has {list(r.info.shape)}"
-            )
-        elif o.info.dtype != r.info.dtype:
-            problems.append(
-                f"{display_url(o.file)}: tensor '{name}' is {o.info.dtype}, {ref_name} has {r.info.dtype}"
-            )
-    for name in other.tensors:
-        if name not in ref.tensors:
-            problems.append(f"{display_url(other.tensors[name].file)}: extra tensor '{name}' not in {ref_name}")
-    return problems
 
 
 def _raise_all(problems: list[str]) -> None:
@@ -155,7 +134,7 @@ def build_plan(
     problems: list[str] = []
     for u in input_urls:
         if u != ref_url:
-            problems += _compare(ref_name, ref, indexes[u], "model")
+            problems += layout_problems(ref_name, ref, indexes[u], "model")
     _raise_all(problems)
 
     base_dir = base_url if base_url is not None else input_urls[0]
@@ -272,19 +251,7 @@ def build_plan(
 
 def _assign_shards(jobs: list[TensorJob], max_shard_bytes: int) -> list[list[TensorJob]]:
     """Greedy packing in checkpoint order; each shard then in safetensors write order."""
-    shards: list[list[TensorJob]] = []
-    current: list[TensorJob] = []
-    size = 0
-    for j in jobs:
-        if current and size + j.out_bytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(j)
-        size += j.out_bytes
-    if current:
-        shards.append(current)
-    ordered = []
-    for s in shards:
-        by_name = {j.name: j for j in s}
-        ordered.append([by_name[name] for name, _, _ in order_for_writing([(j.name, j.out_dtype, j.shape) for j in s])])
-    return ordered
+    by_name = {j.name: j for j in jobs}
+    shards = pack_in_order([(j.name, j.out_bytes) for j in jobs], max_shard_bytes) if jobs else []
+    return [[by_name[name] for name, _, _ in order_for_writing([(n, by_name[n].out_dtype, by_name[n].shape) for n in s])]
+            for s in shards]
