@@ -16,7 +16,7 @@ import os
 import posixpath
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
@@ -288,6 +288,24 @@ class Storage:
         fs, path = self._remote(url)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+    def remove_partials(self, directory: str, names: Iterable[str]) -> list[str]:
+        """Delete temporary files that writers of ``names`` under ``directory`` left behind.
+
+        ``open_write`` removes its temporary file when its block fails, but a writer killed
+        with SIGKILL (or lost with its node) cannot; a commit calls this once no writer of
+        the job is left. Object stores have no such files: an abandoned multipart upload
+        is invisible and is reclaimed by the bucket's lifecycle rule
+        (``AbortIncompleteMultipartUpload``).
+
+        Returns:
+            The names removed.
+        """
+        prefixes = tuple(f".{n}." for n in names)
+        removed = [e for e in self.listdir(directory) if e.startswith(prefixes) and e.endswith(".partial")]
+        for entry in removed:
+            self.remove(f"{directory.rstrip('/')}/{entry}")
+        return removed
 
     def makedirs(self, url: str) -> None:
         """Create a directory (a no-op on object stores, which have none)."""

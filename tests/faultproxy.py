@@ -5,14 +5,16 @@ it: ``fail_every=k`` answers every k-th request with 503 SlowDown (S3's throttli
 clients retry with backoff), ``drop_every=k`` closes the connection of every k-th request
 without answering, and ``always_fail`` answers 500 to every request whose path contains it (a
 permanently broken object; with ``data_only`` only ranged reads past the start of the file fail,
-so the header reads of planning succeed and the failure comes during the merge). Counters are
-global and deterministic.
+so the header reads of planning succeed and the failure comes during the merge), and ``delay_s``
+holds every ranged read past the start of a file that long before forwarding it (slow object
+storage: first-byte latency). Counters are global and deterministic.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -23,11 +25,11 @@ class FaultProxy:
     """Start with ``with FaultProxy(upstream, fail_every=3) as proxy: proxy.url ...``."""
 
     def __init__(self, upstream: str, *, fail_every: int = 0, drop_every: int = 0, always_fail: str | None = None,
-                 data_only: bool = False):
+                 data_only: bool = False, delay_s: float = 0.0):
         up = urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
         self.fail_every, self.drop_every, self.always_fail = fail_every, drop_every, always_fail
-        self.data_only = data_only
+        self.data_only, self.delay_s = data_only, delay_s
         self.requests = self.failed = self.dropped = 0
         self._lock = threading.Lock()
         proxy = self
@@ -67,6 +69,8 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
+                if action == "slow":
+                    time.sleep(proxy.delay_s)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
                 headers["Content-Length"] = str(len(body))
@@ -104,6 +108,8 @@ class FaultProxy:
             if self.drop_every and n % self.drop_every == 0:
                 self.dropped += 1
                 return "drop"
+        if self.delay_s and range_header.startswith("bytes=") and not header_read:
+            return "slow"
         return "forward"
 
     def __enter__(self) -> FaultProxy:

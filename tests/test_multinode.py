@@ -23,7 +23,8 @@ import pytest
 
 from sar_dist.storage import Storage
 from sar_dist.synthetic import make_fisher
-from tests.conftest import REPO, load_safetensors_dir, run_cli
+from tests.conftest import REPO, load_safetensors_dir, run_cli, upload_tree
+from tests.faultproxy import FaultProxy
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -34,44 +35,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    import ray
+class TwoNodes:
+    """A head and a worker node, each `ray start --block` in its own process group."""
 
-    ip = ray.util.get_node_ip_address()
-    gcs, dash = _free_port(), _free_port()
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: unix socket paths are limited
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
-           "RAY_DISABLE_USAGE_STATS": "1"}
-    common = ["--num-cpus=1", "--object-store-memory=100000000", "--block"]
-    procs = [subprocess.Popen(
-        [RAY, "start", "--head", f"--port={gcs}", f"--node-ip-address={ip}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}", *common],
-        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    address = f"http://127.0.0.1:{dash}"
-    try:
+    def __init__(self) -> None:
+        import ray
+
+        self.ip = ray.util.get_node_ip_address()
+        self.gcs, dash = _free_port(), _free_port()
+        self.temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: unix socket paths are limited
+        self.env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+                    "RAY_DISABLE_USAGE_STATS": "1"}
+        self.address = f"http://127.0.0.1:{dash}"
+        self.head = self._start("--head", f"--port={self.gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                f"--dashboard-port={dash}", f"--temp-dir={self.temp}")
+        self.worker: subprocess.Popen | None = None
         from ray.job_submission import JobSubmissionClient
 
-        client = _wait(lambda: JobSubmissionClient(address), 90, "the head's Jobs API")
-        procs.append(subprocess.Popen(
-            [RAY, "start", f"--address={ip}:{gcs}", f"--node-ip-address={ip}", *common],
-            cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.client = _wait(lambda: JobSubmissionClient(self.address), 90, "the head's Jobs API")
+
+    def _start(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [RAY, "start", f"--node-ip-address={self.ip}", "--num-cpus=1", "--object-store-memory=100000000",
+             "--block", *args],
+            cwd=REPO, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def alive_nodes(self) -> list:
         from ray.util.state import list_nodes
 
-        _wait(lambda: len([n for n in list_nodes(address=address) if n.state == "ALIVE"]) == 2 or None, 90,
-              "the second node")
-        yield client, address
+        return [n for n in list_nodes(address=self.address) if n.state == "ALIVE"]
+
+    def start_worker(self) -> None:
+        self.worker = self._start(f"--address={self.ip}:{self.gcs}")
+        _wait(lambda: len(self.alive_nodes()) == 2 or None, 90, "the second node")
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+        """Signal a node's process group (never a bare `ray stop`) and wait for it."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def shutdown(self) -> None:
+        for p in (self.worker, self.head):
+            if p is not None:
+                self.stop(p)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    cluster = TwoNodes()
+    try:
+        cluster.start_worker()
+        yield cluster
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        shutil.rmtree(temp, ignore_errors=True)
+        cluster.shutdown()
 
 
 def _wait(probe, timeout: float, what: str):
@@ -105,7 +127,7 @@ def _submit(client, argv: list[str], timeout: float = 400) -> str:
 
 
 def test_both_stages_through_the_jobs_api_on_two_nodes(two_nodes, tiny_models, tmp_path):
-    client, address = two_nodes
+    client, address = two_nodes.client, two_nodes.address
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w3", "response": f"w{i + 2} w5 w6"}) + "\n"
                             for i in range(6)))
@@ -144,3 +166,58 @@ def test_both_stages_through_the_jobs_api_on_two_nodes(two_nodes, tiny_models, t
     assert r.returncode == 0, r.stderr
     a, b = load_safetensors_dir(merged_multi), load_safetensors_dir(merged_single)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_node_stopped_mid_merge_the_job_completes_on_the_other(two_nodes, tiny_models, s3_server, s3_options, tmp_path):
+    """SIGKILL the worker node's process group while a shard task runs there: Ray retries the
+    task on the head, the merge commits, its bytes equal a single-node run, nothing partial is
+    left. Inputs are read from S3 through a proxy that adds latency to each ranged read, so a
+    shard task takes seconds, not milliseconds. Runs last: the module's worker node stays down."""
+    from ray.util.state import list_tasks
+
+    storage = Storage(s3_options)
+    storage._remote("s3://x")[0].mkdir("nodestop")
+    for k in ("base", "ft1", "ft2", "ft3"):
+        upload_tree(storage, tiny_models[k], f"s3://nodestop/{k}")
+
+    def config(endpoint: str) -> Path:
+        path = tmp_path / f"ties-{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(json.dumps({
+            "merge_method": "ties", "base_model": "s3://nodestop/base", "out_shard_size": 8_000,
+            "models": [{"model": f"s3://nodestop/{k}"} for k in ("ft1", "ft2", "ft3")],
+            "parameters": {"density": 0.3, "weight": 1.0},
+            "storage_options": {"client_kwargs": {"endpoint_url": endpoint}}}))
+        return path
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    r = run_cli("merge", str(config(s3_server)), "--output", str(ref), "--executor", "local")
+    assert r.returncode == 0, r.stderr
+
+    head_id = next(n.node_id for n in two_nodes.alive_nodes() if n.is_head_node)
+    with FaultProxy(s3_server, delay_s=0.25) as proxy:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "sar_dist.cli", "merge", str(config(proxy.url)), "--output", str(out), "--json",
+             "--ray-address", f"{two_nodes.ip}:{two_nodes.gcs}"],
+            cwd=REPO, env=two_nodes.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            # wait until a shard task is running on the worker node, then take the node away
+            deadline, victim = time.time() + 120, None
+            while victim is None and time.time() < deadline and driver.poll() is None:
+                running = list_tasks(address=two_nodes.address, filters=[("state", "=", "RUNNING")], detail=True)
+                victim = next((t for t in running if (t.name or "").startswith("sar-dist:") and t.node_id
+                               and t.node_id != head_id), None)
+                time.sleep(0.2)
+            assert victim is not None, "no shard task ran on the worker node"
+            two_nodes.stop(two_nodes.worker, signal.SIGKILL)
+            stdout, stderr = driver.communicate(timeout=400)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    assert driver.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["event"] == "committed"
+    a, b = load_safetensors_dir(out), load_safetensors_dir(ref)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    attempts = [t for t in list_tasks(address=two_nodes.address, limit=10_000, detail=True) if t.name == victim.name]
+    assert max(t.attempt_number for t in attempts) >= 1, [(t.attempt_number, t.state) for t in attempts]

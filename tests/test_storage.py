@@ -43,3 +43,30 @@ def test_roundtrip_and_atomic_write(tmp_path, s3_options):
         assert storage.listdir(base) == ["f.bin"], base
         storage.remove(url)
         assert not storage.exists(url)
+
+
+def test_remove_partials_of_killed_writers(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # a writer SIGKILLed inside open_write leaves its temporary file behind
+    code = (
+        "import os, signal, sys\n"
+        "from sar_dist.storage import Storage\n"
+        "with Storage().open_write(sys.argv[1]) as f:\n"
+        "    f.write(b'half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(out / "m-1.safetensors")])
+    assert p.returncode == -signal.SIGKILL
+    (out / ".other.safetensors.x.partial").write_bytes(b"not ours")
+    (out / "m-2.safetensors").write_bytes(b"done")
+    leftovers = [n for n in os.listdir(out) if n.startswith(".m-1.safetensors.")]
+    assert len(leftovers) == 1 and not (out / "m-1.safetensors").exists()
+
+    removed = Storage().remove_partials(str(out), ["m-1.safetensors", "m-2.safetensors"])
+    assert removed == leftovers
+    assert sorted(os.listdir(out)) == [".other.safetensors.x.partial", "m-2.safetensors"]

@@ -151,6 +151,8 @@ def commit(storage: Storage, plan: Plan, results: Iterable[ShardResult], *, star
             for r in (by_index[i] for i in range(len(plan.tasks)))
         ],
     }
+    # writers killed mid-shard (driver or node lost) left temporary files that no one else removes
+    storage.remove_partials(out, [t.file_name for t in plan.tasks])
     storage.write_bytes(join(out, MANIFEST_NAME), json.dumps(manifest, indent=2).encode())
     storage.remove_tree(join(out, STATE_DIR))  # receipts are now in the manifest
     return manifest

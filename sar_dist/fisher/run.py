@@ -374,6 +374,7 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
         "versions": package_versions(),
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
+    storage.remove_partials(job.output, shards)  # from reduce tasks killed mid-write
     storage.write_bytes(join(job.output, MANIFEST), json.dumps(manifest, indent=2).encode())
     emit({"event": "committed", "output": display_url(job.output), "num_examples": num_examples,
           "l2_norm_mean": manifest["l2_norm_mean"], "elapsed_s": manifest["elapsed_s"]})
