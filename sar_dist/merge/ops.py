@@ -304,12 +304,35 @@ def masked_rescale(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
     return masked if factor is None else masked.mul_(factor)
 
 
+def outlier_band(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs' kept band of magnitude ranks: ``[num_lo, num_hi)`` in descending ``|d|`` order.
+
+    In ascending order the kept entries are positions ``[n_bot, n_bot + n_keep)`` with
+    ``n_keep = int(density * numel)``, ``n_top = int(gamma * numel)`` and
+    ``n_bot = max(0, numel - n_keep - n_top)``: when ``n_keep + n_top > numel`` fewer outliers are
+    dropped so the density holds (mergekit's rule). In descending order that is the top
+    ``num_hi = num_lo + n_keep`` minus the top ``num_lo`` (the outliers actually dropped).
+
+    Args:
+        numel: elements in the whole tensor.
+        density: fraction to keep (< 1).
+        gamma: fraction of largest-magnitude outliers to drop.
+
+    Returns:
+        ``(num_hi, num_lo)``, both in ``[0, numel]``.
+    """
+    num_keep = max(0, int(density * numel))
+    num_top = int(gamma * numel)
+    num_bot = max(0, numel - num_keep - num_top)
+    num_lo = max(0, numel - num_bot - num_keep)
+    return num_lo + num_keep, num_lo
+
+
 def magnitude_outliers_sparsify(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
     """Breadcrumbs: drop the largest ``int(gamma * numel)`` and the smallest, keeping ``int(density * numel)``.
 
-    In ascending magnitude order the kept entries are positions ``[n_bot, n_bot + n_keep)`` with
-    ``n_bot = max(0, numel - n_keep - n_top)``: when ``n_keep + n_top > numel`` fewer outliers are
-    dropped so the density holds (mergekit's rule). Built from two top-k masks (no sort).
+    The band of :func:`outlier_band`, built from two top-k masks (no sort); the whole-tensor kernel
+    (the ``breadcrumbs`` methods run ``trim.OutlierState``, which gives the same bits in row blocks).
 
     Args:
         delta: the task vector.
@@ -322,14 +345,10 @@ def magnitude_outliers_sparsify(delta: Tensor, density: float, gamma: float, res
     """
     if density >= 1:
         return delta
-    numel = delta.numel()
-    num_keep = max(0, int(density * numel))
-    num_top = int(gamma * numel)
-    num_bot = max(0, numel - num_keep - num_top)
-    num_drop_top = max(0, numel - num_bot - num_keep)  # outliers actually dropped
-    mask = topk_magnitude_mask(delta, num_drop_top + num_keep)
-    if num_drop_top > 0:
-        mask &= ~topk_magnitude_mask(delta, num_drop_top)
+    num_hi, num_lo = outlier_band(delta.numel(), density, gamma)
+    mask = topk_magnitude_mask(delta, num_hi)
+    if num_lo > 0:
+        mask &= ~topk_magnitude_mask(delta, num_lo)
     return masked_rescale(delta, mask, rescale)
 
 
@@ -356,15 +375,54 @@ def random_sparsify(delta: Tensor, density: float, rescale: bool, *, ctx: Tensor
     return masked_rescale(delta, keyed_keep_mask(delta, density, ctx, model_index), rescale)
 
 
-def della_sparsify(
-    delta: Tensor, density: float, epsilon: float, rescale: bool, *, ctx: TensorContext, model_index: int
-) -> Tensor:
-    """DELLA MagPrune: keep each entry with a probability rising with its magnitude rank in its row.
+def della_keep_mask(delta: Tensor, density: float, epsilon: float, *, ctx: TensorContext, model_index: int) -> Tensor:
+    """DELLA MagPrune's keep-mask ``u < p``, ``p`` rising with the magnitude rank of an entry in its row.
 
     Ranks run along dim 1 (a 1-D or 0-D tensor is one row); ``r = (rank - 1) / (ncols - 1)`` and
     ``p = density - epsilon + 2 * epsilon * r``. Probabilities are computed in float32 (mergekit
     rounds the ranks to bf16 for bf16 inputs, a precision artifact not copied); equal magnitudes get
     ranks by index (stable sort). A one-column row gets r = 0 (mergekit divides 0 by 0 there).
+    The ranks of a row never look past the row, and ``u`` is the keyed stream at ``ctx.offset``,
+    so a block of whole rows of a tensor with >= 2 dims gets exactly its part of the whole mask.
+
+    Args:
+        delta: the task vector (or a block of its rows).
+        density: mean keep probability, in (0, 1).
+        epsilon: half-width of the probability range.
+        ctx: tensor identity, keys the random stream.
+        model_index: index of the model (config order), keys the random stream.
+
+    Returns:
+        A bool tensor of ``delta``'s shape.
+
+    Raises:
+        ValueError: unless ``0 < density - epsilon`` and ``density + epsilon < 1``.
+    """
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"della: density {density} +/- epsilon {epsilon} must lie in (0, 1) "
+            f"(tensor {ctx.name!r}, model {model_index})"
+        )
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    ncols = rows.shape[1]
+    order = rows.abs().argsort(dim=1, stable=True)
+    shape = [1] * rows.dim()
+    shape[1] = ncols
+    rank = torch.arange(ncols, dtype=torch.float32, device=delta.device).view(shape).expand(rows.shape)
+    probs = torch.empty(rows.shape, dtype=torch.float32, device=delta.device).scatter_(1, order, rank)
+    del order
+    probs.mul_(2 * epsilon / max(ncols - 1, 1)).add_(density - epsilon)
+    u = keyed_uniform(ctx, model_index, delta.numel(), delta.device).view(rows.shape)
+    return (u < probs).view(delta.shape)
+
+
+def della_sparsify(
+    delta: Tensor, density: float, epsilon: float, rescale: bool, *, ctx: TensorContext, model_index: int
+) -> Tensor:
+    """DELLA MagPrune: keep each entry with a probability rising with its magnitude rank in its row.
+
+    The mask of :func:`della_keep_mask`, then the L1 rescale; the whole-tensor kernel (the ``della``
+    methods run ``trim.DellaState``, which gives the same bits in row blocks).
 
     Args:
         delta: the task vector.
@@ -384,22 +442,8 @@ def della_sparsify(
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"della: density {density} +/- epsilon {epsilon} must lie in (0, 1) "
-            f"(tensor {ctx.name!r}, model {model_index})"
-        )
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
-    ncols = rows.shape[1]
-    order = rows.abs().argsort(dim=1, stable=True)
-    shape = [1] * rows.dim()
-    shape[1] = ncols
-    rank = torch.arange(ncols, dtype=torch.float32, device=delta.device).view(shape).expand(rows.shape)
-    probs = torch.empty(rows.shape, dtype=torch.float32, device=delta.device).scatter_(1, order, rank)
-    del order
-    probs.mul_(2 * epsilon / max(ncols - 1, 1)).add_(density - epsilon)
-    u = keyed_uniform(ctx, model_index, delta.numel(), delta.device).view(rows.shape)
-    return masked_rescale(delta, (u < probs).view(delta.shape), rescale)
+    mask = della_keep_mask(delta, density, epsilon, ctx=ctx, model_index=model_index)
+    return masked_rescale(delta, mask, rescale)
 
 
 # --------------------------------------------------------------------------- sign election

@@ -11,7 +11,7 @@ import dataclasses
 
 from sar_dist.merge.base import MergeMethod
 from sar_dist.merge.methods.linear import LINEAR_URL, LinearParams, linear
-from sar_dist.merge.methods.ram import RAM_URL, RamParams, RamplusTlParams, ram, ramplus_tl
+from sar_dist.merge.methods.ram import RAM_URL, RamParams, RamplusTlParams, ram, ramplus_tl, ramplus_tl_state
 from sar_dist.merge.methods.sar import (
     FISHER_URL,
     SAR_URL,
@@ -22,7 +22,7 @@ from sar_dist.merge.methods.sar import (
     sar_elementwise,
     sar_state,
 )
-from sar_dist.merge.methods.slerp import SLERP_URL, SlerpParams, slerp
+from sar_dist.merge.methods.slerp import SLERP_URL, SlerpParams, slerp, slerp_state
 from sar_dist.merge.methods.task_arithmetic import (
     TASK_ARITHMETIC_URL,
     TIES_URL,
@@ -43,12 +43,14 @@ from sar_dist.merge.methods.task_arithmetic_presets import (
     DellaLinearParams,
     DellaParams,
     breadcrumbs,
+    breadcrumbs_state,
     breadcrumbs_ties,
     dare_linear,
     dare_state,
     dare_ties,
     della,
     della_linear,
+    della_state,
 )
 
 
@@ -58,7 +60,7 @@ def _always(p: object) -> bool:
     return True
 
 
-def _no_trim(p: TaskArithmeticParams) -> bool:  # ties' trim is a no-op at density >= 1
+def _no_trim(p: TaskArithmeticParams) -> bool:  # the ties, breadcrumbs and della sparsifiers: no-ops at density >= 1
     return all(d >= 1 for d in p.densities)
 
 
@@ -68,17 +70,19 @@ def _no_rescale(p: DareLinearParams) -> bool:  # DARE drops are elementwise; its
 
 _ALL = [
     MergeMethod(name="linear", fn=linear, params_cls=LinearParams, needs_base=False, paper_url=LINEAR_URL, elementwise=_always),
-    MergeMethod(name="slerp", fn=slerp, params_cls=SlerpParams, needs_base=True, paper_url=SLERP_URL, max_models=1),
+    MergeMethod(name="slerp", fn=slerp, params_cls=SlerpParams, needs_base=True, paper_url=SLERP_URL, max_models=1, state=slerp_state),
     MergeMethod(name="task_arithmetic", fn=task_arithmetic, params_cls=TaskArithmeticParams, needs_base=True, paper_url=TASK_ARITHMETIC_URL, elementwise=_always),
     MergeMethod(name="ties", fn=ties, params_cls=TiesParams, needs_base=True, paper_url=TIES_URL, elementwise=_no_trim, state=ties_state),
     MergeMethod(name="dare_linear", fn=dare_linear, params_cls=DareLinearParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale, state=dare_state),
     MergeMethod(name="dare_ties", fn=dare_ties, params_cls=DareTiesParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale, state=dare_state),
-    MergeMethod(name="breadcrumbs", fn=breadcrumbs, params_cls=BreadcrumbsParams, needs_base=True, paper_url=BREADCRUMBS_URL),
-    MergeMethod(name="breadcrumbs_ties", fn=breadcrumbs_ties, params_cls=BreadcrumbsTiesParams, needs_base=True, paper_url=BREADCRUMBS_URL),
-    MergeMethod(name="della", fn=della, params_cls=DellaParams, needs_base=True, paper_url=DELLA_URL),
-    MergeMethod(name="della_linear", fn=della_linear, params_cls=DellaLinearParams, needs_base=True, paper_url=DELLA_URL),
+    MergeMethod(name="breadcrumbs", fn=breadcrumbs, params_cls=BreadcrumbsParams, needs_base=True, paper_url=BREADCRUMBS_URL, elementwise=_no_trim, state=breadcrumbs_state),
+    MergeMethod(name="breadcrumbs_ties", fn=breadcrumbs_ties, params_cls=BreadcrumbsTiesParams, needs_base=True, paper_url=BREADCRUMBS_URL, elementwise=_no_trim, state=breadcrumbs_state),
+    # DELLA's ranks are per row, but not `elementwise` even without rescale: the planner cuts the
+    # 1-D tensors of elementwise methods too, and a 1-D tensor is one row
+    MergeMethod(name="della", fn=della, params_cls=DellaParams, needs_base=True, paper_url=DELLA_URL, elementwise=_no_trim, state=della_state),
+    MergeMethod(name="della_linear", fn=della_linear, params_cls=DellaLinearParams, needs_base=True, paper_url=DELLA_URL, elementwise=_no_trim, state=della_state),
     MergeMethod(name="ram", fn=ram, params_cls=RamParams, needs_base=True, paper_url=RAM_URL, elementwise=_always),
-    MergeMethod(name="ramplus_tl", fn=ramplus_tl, params_cls=RamplusTlParams, needs_base=True, paper_url=RAM_URL),
+    MergeMethod(name="ramplus_tl", fn=ramplus_tl, params_cls=RamplusTlParams, needs_base=True, paper_url=RAM_URL, state=ramplus_tl_state),
     MergeMethod(name="sar", fn=sar, params_cls=SarParams, needs_base=True, paper_url=SAR_URL, needs_fisher=True, elementwise=sar_elementwise, state=sar_state),
     MergeMethod(name="fisher", fn=fisher, params_cls=FisherParams, needs_base=False, paper_url=FISHER_URL, needs_fisher=True, elementwise=_always),
 ]  # fmt: skip

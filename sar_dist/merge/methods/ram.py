@@ -1,4 +1,9 @@
-"""Reinforced Agent Merging (RAM) and RAM+ tensor-local: keep unique updates whole, average overlaps."""
+"""Reinforced Agent Merging (RAM) and RAM+ tensor-local: keep unique updates whole, average overlaps.
+
+``ram`` is elementwise. ``ramplus_tl``'s boost needs two whole-tensor counts per model (its updates
+in the overlap and alone); integer sums are exact in any order, so :class:`RamplusState` adds them
+up over row blocks in one pass and a chunked run gives the whole-tensor bits.
+"""
 
 from __future__ import annotations
 
@@ -69,7 +74,54 @@ def ram(tensors: Sequence[Tensor], base: Tensor, p: RamParams, *, ctx: TensorCon
     return base + tv.div_(count.clamp(min=1)).sum(dim=0)
 
 
-def ramplus_tl(tensors: Sequence[Tensor], base: Tensor, p: RamplusTlParams, *, ctx: TensorContext) -> Tensor:
+def _overlap_counts(updated: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """Per model: its updates where several models update (``c > 1``) and where it alone does (int64)."""
+    dims = tuple(range(1, updated.dim()))
+    return (updated & (count > 1)).sum(dim=dims), (updated & (count == 1)).sum(dim=dims)
+
+
+class RamplusState:
+    """``ramplus_tl``'s whole-tensor counts, summed over row blocks in one pass (O(models) int64).
+
+    Args:
+        epsilon: update threshold.
+        numel: elements in the whole tensor (unused: the counts are sums).
+        dtype: compute dtype (unused).
+        device: compute device (unused).
+    """
+
+    def __init__(self, epsilon: float, numel: int, dtype: torch.dtype, device: torch.device | str):
+        self.epsilon = epsilon
+        self.num_shared: Tensor | None = None
+        self.num_unique: Tensor | None = None
+        self._pending = True
+
+    def needs_pass(self) -> bool:
+        """Whether the counting pass over all row blocks is still needed."""
+        return self._pending
+
+    def observe(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext | None = None) -> None:
+        """Count one row block's updates (``ctx`` unused)."""
+        _, updated, count = _split_updates(tensors, base, self.epsilon)
+        shared, unique = _overlap_counts(updated, count)
+        self.num_shared = shared if self.num_shared is None else self.num_shared + shared
+        self.num_unique = unique if self.num_unique is None else self.num_unique + unique
+
+    def end_pass(self) -> None:
+        """Close the counting pass."""
+        assert self.num_shared is not None, "the pass must observe the blocks"
+        self._pending = False
+
+
+def ramplus_tl_state(p: RamplusTlParams, numel: int, dtype: torch.dtype, device: torch.device | str) -> RamplusState:
+    """The whole-tensor counts ``ramplus_tl`` needs, for a chunked run."""
+    return RamplusState(p.epsilon, numel, dtype, device)
+
+
+def ramplus_tl(
+    tensors: Sequence[Tensor], base: Tensor, p: RamplusTlParams, *, ctx: TensorContext,
+    state: RamplusState | None = None,
+) -> Tensor:
     """RAM+ tensor-local (arXiv 2601.13572, https://arxiv.org/abs/2601.13572).
 
     As ``ram``, but model i's unique updates (``c == 1``) are scaled by
@@ -83,19 +135,22 @@ def ramplus_tl(tensors: Sequence[Tensor], base: Tensor, p: RamplusTlParams, *, c
         base: the base model's tensor.
         p: resolved parameters.
         ctx: tensor identity (unused: deterministic).
+        state: the counts gathered over the whole tensor when the inputs are a block of rows;
+            None counts over the tensors given.
 
     Returns:
         The merged tensor, in ``base``'s dtype.
     """
     tv, updated, count = _split_updates(tensors, base, p.epsilon)
-    unique = count == 1
-    overlap = count > 1
-    dims = tuple(range(1, tv.dim()))
-    num_shared = (updated & overlap).sum(dim=dims)
-    num_unique = (updated & unique).sum(dim=dims)
+    if state is None:  # the whole tensor is here: count over it
+        num_shared, num_unique = _overlap_counts(updated, count)
+    else:
+        assert state.num_shared is not None and state.num_unique is not None and not state.needs_pass()
+        num_shared, num_unique = state.num_shared, state.num_unique
     del updated
     rho = num_shared / num_unique.clamp(min=p.epsilon)  # float32, like mergekit
     boost = (1 + p.r * rho.clamp(min=0, max=p.alpha)).view(-1, *([1] * base.dim()))
+    overlap = count > 1
     overlap_part = tv * overlap / count.clamp(min=1)
-    unique_part = tv.mul_(unique) * boost
+    unique_part = tv.mul_(count == 1) * boost
     return (base + (unique_part + overlap_part).sum(dim=0)).to(base.dtype)

@@ -16,7 +16,7 @@ from torch import Tensor
 from sar_dist.merge import ops
 from sar_dist.merge.base import TensorContext, method_param, per_model
 from sar_dist.merge.methods.task_arithmetic import TaskArithmeticParams, generalized_task_arithmetic
-from sar_dist.merge.methods.trim import DropState
+from sar_dist.merge.methods.trim import DellaState, DropState, OutlierState
 
 DARE_URL = "https://arxiv.org/abs/2311.03099"
 BREADCRUMBS_URL = "https://arxiv.org/abs/2312.06795"
@@ -121,14 +121,23 @@ def dare_ties(
     return _dare(tensors, base, p, ctx, elect=True, state=state)
 
 
-def _breadcrumbs(tensors: Sequence[Tensor], base: Tensor, p: BreadcrumbsParams, elect: bool) -> Tensor:
-    def sparsify(d: Tensor, i: int) -> Tensor:
-        return ops.magnitude_outliers_sparsify(d, p.densities[i], p.gammas[i], p.rescale)
-
-    return generalized_task_arithmetic(tensors, base, p, sparsify=sparsify, elect=elect)
+def breadcrumbs_state(p: BreadcrumbsParams, numel: int, dtype: torch.dtype, device: torch.device | str) -> OutlierState:
+    """The whole-tensor magnitude thresholds (and rescale norms) Breadcrumbs needs, for a chunked run."""
+    return OutlierState(p.densities, p.gammas, p.rescale, numel, dtype, device)
 
 
-def breadcrumbs(tensors: Sequence[Tensor], base: Tensor, p: BreadcrumbsParams, *, ctx: TensorContext) -> Tensor:
+def _breadcrumbs(
+    tensors: Sequence[Tensor], base: Tensor, p: BreadcrumbsParams, elect: bool, state: OutlierState | None
+) -> Tensor:
+    if state is None:  # the whole tensor is here: its thresholds come from it
+        state = breadcrumbs_state(p, base.numel(), base.dtype, base.device).run(tensors, base)
+    return generalized_task_arithmetic(tensors, base, p, sparsify=state.sparsify, elect=elect)
+
+
+def breadcrumbs(
+    tensors: Sequence[Tensor], base: Tensor, p: BreadcrumbsParams, *, ctx: TensorContext,
+    state: OutlierState | None = None,
+) -> Tensor:
     """Model Breadcrumbs (arXiv 2312.06795, https://arxiv.org/abs/2312.06795).
 
     In each ``d_i`` drop the ``int(gamma_i * numel)`` largest and the smallest magnitudes, keeping
@@ -139,15 +148,19 @@ def breadcrumbs(tensors: Sequence[Tensor], base: Tensor, p: BreadcrumbsParams, *
         base: the base model's tensor.
         p: resolved parameters.
         ctx: tensor identity (unused: deterministic).
+        state: the two magnitude thresholds per model gathered over the whole tensor when the
+            inputs are a block of rows (blocks then come in order); None computes them from the
+            tensors given.
 
     Returns:
         The merged tensor, in ``base``'s dtype.
     """
-    return _breadcrumbs(tensors, base, p, elect=False)
+    return _breadcrumbs(tensors, base, p, elect=False, state=state)
 
 
 def breadcrumbs_ties(
-    tensors: Sequence[Tensor], base: Tensor, p: BreadcrumbsTiesParams, *, ctx: TensorContext
+    tensors: Sequence[Tensor], base: Tensor, p: BreadcrumbsTiesParams, *, ctx: TensorContext,
+    state: OutlierState | None = None,
 ) -> Tensor:
     """Model Breadcrumbs with TIES sign election (arXiv 2312.06795, https://arxiv.org/abs/2312.06795).
 
@@ -156,21 +169,35 @@ def breadcrumbs_ties(
         base: the base model's tensor.
         p: resolved parameters.
         ctx: tensor identity (unused: deterministic).
+        state: as in ``breadcrumbs``.
 
     Returns:
         The merged tensor, in ``base``'s dtype.
     """
-    return _breadcrumbs(tensors, base, p, elect=True)
+    return _breadcrumbs(tensors, base, p, elect=True, state=state)
 
 
-def _della(tensors: Sequence[Tensor], base: Tensor, p: DellaLinearParams, ctx: TensorContext, elect: bool) -> Tensor:
+def della_state(p: DellaLinearParams, numel: int, dtype: torch.dtype, device: torch.device | str) -> DellaState:
+    """The whole-tensor rescale norms DELLA needs, for a chunked run (its ranks are per row)."""
+    return DellaState(p.densities, p.epsilons, p.rescale, numel, dtype, device)
+
+
+def _della(
+    tensors: Sequence[Tensor], base: Tensor, p: DellaLinearParams, ctx: TensorContext, elect: bool,
+    state: DellaState | None,
+) -> Tensor:
     def sparsify(d: Tensor, i: int) -> Tensor:
+        if state is not None:  # a block of rows: the rescale norms were gathered over the whole tensor
+            return state.sparsify(d, i, ctx)
+        # the whole tensor: one mask per model, rescaled by the same per-row float64 L1 sums
         return ops.della_sparsify(d, p.densities[i], p.epsilons[i], p.rescale, ctx=ctx, model_index=i)
 
     return generalized_task_arithmetic(tensors, base, p, sparsify=sparsify, elect=elect)
 
 
-def della(tensors: Sequence[Tensor], base: Tensor, p: DellaParams, *, ctx: TensorContext) -> Tensor:
+def della(
+    tensors: Sequence[Tensor], base: Tensor, p: DellaParams, *, ctx: TensorContext, state: DellaState | None = None
+) -> Tensor:
     """DELLA-Merging (arXiv 2406.11617, https://arxiv.org/abs/2406.11617).
 
     MagPrune each ``d_i``: keep with ``p = k_i - eps_i + 2 eps_i r`` (``r`` = normalized magnitude rank
@@ -181,6 +208,8 @@ def della(tensors: Sequence[Tensor], base: Tensor, p: DellaParams, *, ctx: Tenso
         base: the base model's tensor.
         p: resolved parameters.
         ctx: tensor identity and seed, key the random masks.
+        state: rescale norms gathered over the whole tensor when the inputs are a block of rows
+            (blocks then come in order); None computes them from the tensors given.
 
     Returns:
         The merged tensor, in ``base``'s dtype.
@@ -188,10 +217,13 @@ def della(tensors: Sequence[Tensor], base: Tensor, p: DellaParams, *, ctx: Tenso
     Raises:
         ValueError: unless ``0 < k_i - eps_i`` and ``k_i + eps_i < 1`` (for ``0 < k_i < 1``).
     """
-    return _della(tensors, base, p, ctx, elect=True)
+    return _della(tensors, base, p, ctx, elect=True, state=state)
 
 
-def della_linear(tensors: Sequence[Tensor], base: Tensor, p: DellaLinearParams, *, ctx: TensorContext) -> Tensor:
+def della_linear(
+    tensors: Sequence[Tensor], base: Tensor, p: DellaLinearParams, *, ctx: TensorContext,
+    state: DellaState | None = None,
+) -> Tensor:
     """DELLA MagPrune with a linear sum (arXiv 2406.11617, https://arxiv.org/abs/2406.11617).
 
     Args:
@@ -199,6 +231,7 @@ def della_linear(tensors: Sequence[Tensor], base: Tensor, p: DellaLinearParams, 
         base: the base model's tensor.
         p: resolved parameters.
         ctx: tensor identity and seed, key the random masks.
+        state: as in ``della``.
 
     Returns:
         The merged tensor, in ``base``'s dtype.
@@ -206,4 +239,4 @@ def della_linear(tensors: Sequence[Tensor], base: Tensor, p: DellaLinearParams, 
     Raises:
         ValueError: unless ``0 < k_i - eps_i`` and ``k_i + eps_i < 1`` (for ``0 < k_i < 1``).
     """
-    return _della(tensors, base, p, ctx, elect=False)
+    return _della(tensors, base, p, ctx, elect=False, state=state)

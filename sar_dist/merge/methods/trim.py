@@ -1,17 +1,25 @@
-"""TIES' magnitude trim as a whole-tensor state gathered in passes, so huge tensors can be
-merged in row chunks with exactly the result of the whole-tensor merge.
+"""Magnitude and random sparsifiers as whole-tensor states gathered in passes, so huge tensors
+can be merged in row chunks with exactly the result of the whole-tensor merge.
 
-Per model ``i`` with ``0 < k_i < 1``: keep the ``max(1, int(k_i * numel))`` largest ``|d_i|``
-(``d_i = x_i - base``; ties at the threshold by lowest flattened index), optionally L1-rescaled
-``masked * (||d_i||_1 / ||masked||_1)`` (METHODS.md). Passes, each over all row chunks in order:
-1. count the nonzero entries of each ``d_i``: when every nonzero entry is kept anyway (RLVR task
-   vectors are mostly exact zeros) the trim is the identity and needs no threshold;
-2. find the exact threshold: one ``kthvalue`` over the nonzero magnitudes kept from pass 1 when
-   they are few (at most 2**22 per model: 16 MiB in fp32, whatever the tensor size), else a radix select on the float bits
-   (``ops.MagnitudeSelector``: 2 passes for fp32, 1 for bf16);
+:class:`BandState` keeps, per model ``i``, a band of magnitude ranks of ``d_i = x_i - base``: the
+``num_hi`` largest ``|d_i|`` minus the ``num_lo`` largest (ties at a threshold by lowest flattened
+index), optionally L1-rescaled ``masked * (||d_i||_1 / ||masked||_1)`` (METHODS.md). TIES' trim
+(:class:`TrimState`) is the band ``[0, max(1, int(k_i * numel)))``; Model Breadcrumbs
+(:class:`OutlierState`) drops the top ``gamma`` outliers and keeps ``int(k_i * numel)`` below them.
+Passes, each over all row chunks in order:
+1. count the nonzero entries of each ``d_i``: a band reaching past them keeps every nonzero entry
+   (RLVR task vectors are mostly exact zeros), and a band starting past them keeps none, so a
+   threshold is needed only inside the nonzero count (which entries of a zero are kept does not
+   change a bit of ``d_i * mask``);
+2. find each exact threshold: one ``kthvalue`` over the nonzero magnitudes kept from pass 1 when
+   they are few (at most 2**22 per model: 16 MiB in fp32, whatever the tensor size), else a radix
+   select on the float bits (``ops.MagnitudeSelector``: 2 passes for fp32, 1 for bf16);
 3. with ``rescale``: both L1 norms, as float64 sums of per-row float64 sums (identical for any
    chunking and thread count), then rounded to the compute dtype as mergekit's sums are.
-Then the merge runs chunk by chunk with :meth:`TrimState.sparsify`.
+Then the merge runs chunk by chunk with :meth:`BandState.sparsify`.
+
+Masks that a block of rows determines alone (DARE's keyed Bernoulli drop, DELLA's per-row ranks)
+need only pass 3: :class:`DropState` and :class:`DellaState`.
 """
 
 from __future__ import annotations
@@ -28,12 +36,167 @@ MAX_KEPT_MAGNITUDES = 2**22
 """Nonzero magnitudes a model may keep from the counting pass (a fixed bound, so the memory of
 the state stays small beside the budget even for a 128k x 8192 embedding; more falls back to radix)."""
 
+_PASS, _EMPTY, _MASK = "pass", "empty", "mask"  # a band keeps every nonzero entry / none / some
 
-class TrimState:
-    """Whole-tensor statistics of the magnitude trim of each model's task vector.
+
+class BandState:
+    """Whole-tensor statistics of a band of magnitude ranks kept from each model's task vector.
+
+    Holds per model the nonzero count, at most ``MAX_KEPT_MAGNITUDES`` magnitudes during the
+    counting pass, two radix histograms (2**16 counts each) and per-row float64 L1 sums: never a
+    copy of the tensor.
 
     Args:
-        densities: ``k_i`` per model.
+        bands: per model ``(num_hi, num_lo)``: keep the ``num_hi`` largest ``|d_i|`` but not the
+            ``num_lo`` largest; None leaves that model's task vector untouched.
+        rescale: whether to L1-rescale each masked task vector.
+        numel: elements in the whole tensor.
+        dtype: compute dtype.
+        device: compute device.
+    """
+
+    def __init__(self, bands: Sequence[tuple[int, int] | None], rescale: bool, numel: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.bands, self.rescale, self.numel = tuple(bands), rescale, numel
+        self._dtype, self._device = dtype, device
+        num_models = len(self.bands)
+        self._kinds: list[str | None] = [None] * num_models
+        self._nonzero = [0] * num_models
+        self._hi: list[ops.MagnitudeSelector | None] = [None] * num_models
+        self._lo: list[ops.MagnitudeSelector | None] = [None] * num_models
+        self._factors: list[Tensor | None] = [None] * num_models
+        self._phase = "count" if any(b is not None for b in self.bands) else "ready"
+        self._l1: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._values: list[list[Tensor] | None] = [[] for _ in self.bands]
+        self._num_values = [0] * num_models
+
+    def needs_pass(self) -> bool:
+        """Whether another pass over all row chunks (in order) is needed."""
+        return self._phase != "ready"
+
+    def observe(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext | None = None) -> None:
+        """Feed one row chunk of the inputs (compute dtype) during a pass (``ctx`` unused)."""
+        self._observe_deltas([x - base if self.bands[i] is not None else None for i, x in enumerate(tensors)])
+
+    def _selectors(self) -> list[ops.MagnitudeSelector]:
+        return [s for s in (*self._hi, *self._lo) if s is not None]
+
+    def _observe_deltas(self, deltas: Sequence[Tensor | None]) -> None:
+        for i, d in enumerate(deltas):
+            if d is None:
+                continue
+            if self._phase == "count":
+                self._count(d, i)
+            elif self._phase == "select":
+                for sel in (self._hi[i], self._lo[i]):
+                    if sel is not None and sel.needs_pass():
+                        sel.observe(d)
+            elif self._phase == "norms" and self._kinds[i] == _MASK:
+                before, after = self._l1[i]
+                before.append(ops.row_l1(d))
+                after.append(ops.row_l1(d * self._mask(d, i)))
+
+    def _count(self, d: Tensor, i: int) -> None:
+        nz = d[d != 0]
+        self._nonzero[i] += nz.numel()
+        # keep the nonzero magnitudes while they are few (sparse RLVR updates): the exact
+        # thresholds are then one selection on them, with no radix passes
+        values = self._values[i]
+        if values is not None and self._num_values[i] + nz.numel() <= MAX_KEPT_MAGNITUDES:
+            values.append(nz.abs())
+            self._num_values[i] += nz.numel()
+        else:
+            self._values[i] = None
+
+    def _plan_band(self, i: int) -> None:
+        """After counting: whether model ``i``'s band needs thresholds, and which."""
+        band = self.bands[i]
+        if band is None:
+            return
+        num_hi, num_lo = band
+        nonzero = self._nonzero[i]
+        if num_hi >= nonzero and num_lo <= 0:
+            self._kinds[i] = _PASS
+            return
+        if num_hi <= num_lo or num_lo >= nonzero:
+            self._kinds[i] = _EMPTY
+            return
+        self._kinds[i] = _MASK
+        values = self._values[i]
+        kept = torch.cat(values) if values is not None else None
+        for sels, num in ((self._hi, num_hi), (self._lo, num_lo)):
+            if 0 < num < nonzero:  # else no threshold: every nonzero entry is in (hi) or none is out (lo)
+                sel = ops.MagnitudeSelector(self.numel, num, self._dtype, self._device)
+                if kept is not None:
+                    sel.resolve_from_values(kept)
+                sels[i] = sel
+
+    def end_pass(self) -> None:
+        """Close a pass: decide the next one."""
+        if self._phase == "count":
+            for i in range(len(self.bands)):
+                self._plan_band(i)
+            self._values = []
+            self._phase = "select"
+        elif self._phase == "select":
+            for sel in self._selectors():
+                if sel.needs_pass():
+                    sel.end_pass()
+        elif self._phase == "norms":
+            for i, (before, after) in enumerate(self._l1):
+                if self._kinds[i] == _MASK:
+                    self._factors[i] = ops.rescale_factor(before, after, self._dtype)
+            for sel in self._selectors():
+                sel.rewind()
+            self._l1 = []
+            self._phase = "ready"
+            return
+        if self._phase == "select" and not any(s.needs_pass() for s in self._selectors()):
+            if self.rescale and _MASK in self._kinds:
+                self._phase = "norms"
+                self._l1 = [([], []) for _ in self.bands]
+            else:
+                self._phase = "ready"
+
+    def run(self, tensors: Sequence[Tensor], base: Tensor) -> BandState:
+        """All passes over a whole tensor given as one chunk (its task vectors computed once)."""
+        if not self.needs_pass():
+            return self
+        return self.run_deltas([x - base if self.bands[i] is not None else None for i, x in enumerate(tensors)])
+
+    def run_deltas(self, deltas: Sequence[Tensor | None]) -> BandState:
+        """All passes over whole task vectors (None for a model that is not masked)."""
+        while self.needs_pass():
+            self._observe_deltas(deltas)
+            self.end_pass()
+        return self
+
+    def _mask(self, delta: Tensor, i: int) -> Tensor:
+        hi, lo = self._hi[i], self._lo[i]
+        mask = hi.mask(delta) if hi is not None else None
+        if lo is not None:
+            mask = ~lo.mask(delta) if mask is None else mask.logical_and_(~lo.mask(delta))
+        assert mask is not None, "a masked band has at least one threshold"
+        return mask
+
+    def sparsify(self, delta: Tensor, i: int) -> Tensor:
+        """Mask the next row chunk of model ``i``'s task vector (chunks in order, after the passes)."""
+        assert not self.needs_pass()
+        kind = self._kinds[i]
+        if kind is None or kind == _PASS:  # untouched, or every nonzero kept (the rescale is then 1)
+            return delta
+        if kind == _EMPTY:  # no nonzero entry kept; the product keeps the zeros' signs, as a mask does
+            return delta * False
+        masked = delta * self._mask(delta, i)
+        factor = self._factors[i]
+        return masked.mul_(factor.to(masked.device)) if self.rescale and factor is not None else masked
+
+
+class TrimState(BandState):
+    """TIES' trim: per model with ``0 < k_i < 1`` keep the ``max(1, int(k_i * numel))`` largest ``|d_i|``.
+
+    Args:
+        densities: ``k_i`` per model (>= 1 keeps all, <= 0 zeros).
         rescale: whether to L1-rescale each trimmed task vector.
         numel: elements in the whole tensor.
         dtype: compute dtype.
@@ -42,133 +205,56 @@ class TrimState:
 
     def __init__(self, densities: Sequence[float], rescale: bool, numel: int, dtype: torch.dtype,
                  device: torch.device | str):
-        self.densities, self.rescale, self.numel = tuple(densities), rescale, numel
-        self._dtype, self._device = dtype, device
-        self._trimmed = [0 < k < 1 for k in self.densities]
-        self._nonzero = [0] * len(self.densities)
-        self._selectors: list[ops.MagnitudeSelector | None] = [None] * len(self.densities)
-        self._factors: list[Tensor | None] = [None] * len(self.densities)
-        self._phase = "count" if any(self._trimmed) else "ready"
-        self._l1: list[tuple[list[Tensor], list[Tensor]]] = []
-        self._values: list[list[Tensor] | None] = [[] for _ in self.densities]
-        self._num_values = [0] * len(self.densities)
-        self._max_values = MAX_KEPT_MAGNITUDES
-
-    def needs_pass(self) -> bool:
-        """Whether another pass over all row chunks (in order) is needed."""
-        return self._phase != "ready"
-
-    def observe(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext | None = None) -> None:
-        """Feed one row chunk of the inputs (compute dtype) during a pass (``ctx`` unused)."""
-        self._observe_deltas([x - base if self._trimmed[i] else None for i, x in enumerate(tensors)])
-
-    def _observe_deltas(self, deltas: Sequence[Tensor | None]) -> None:
-        for i, d in enumerate(deltas):
-            if d is None:
-                continue
-            if self._phase == "count":
-                nz = d[d != 0]
-                self._nonzero[i] += nz.numel()
-                # keep the nonzero magnitudes while they are few (sparse RLVR updates): the exact
-                # threshold is then one selection on them, with no radix passes
-                if self._values[i] is not None and self._num_values[i] + nz.numel() <= self._max_values:
-                    self._values[i].append(nz.abs())
-                    self._num_values[i] += nz.numel()
-                else:
-                    self._values[i] = None
-            elif self._phase == "select":
-                sel = self._selectors[i]
-                if sel is not None and sel.needs_pass():
-                    sel.observe(d)
-            elif self._phase == "norms" and self._selectors[i] is not None:
-                before, after = self._l1[i]
-                before.append(ops.row_l1(d))
-                after.append(ops.row_l1(d * self._selectors[i].mask(d)))
-
-    def end_pass(self) -> None:
-        """Close a pass: decide the next one."""
-        if self._phase == "count":
-            for i, k in enumerate(self.densities):
-                keep = max(1, int(k * self.numel))
-                if self._trimmed[i] and keep < self._nonzero[i]:
-                    sel = ops.MagnitudeSelector(self.numel, keep, self._dtype, self._device)
-                    if self._values[i] is not None:
-                        sel.resolve_from_values(torch.cat(self._values[i]))
-                    self._selectors[i] = sel
-            self._values = []
-            self._phase = "select"
-        elif self._phase == "select":
-            for sel in self._selectors:
-                if sel is not None and sel.needs_pass():
-                    sel.end_pass()
-        elif self._phase == "norms":
-            for i, (before, after) in enumerate(self._l1):
-                if self._selectors[i] is None:
-                    continue
-                self._factors[i] = ops.rescale_factor(before, after, self._dtype)
-                self._selectors[i].rewind()
-            self._l1 = []
-            self._phase = "ready"
-            return
-        if self._phase == "select" and not any(s is not None and s.needs_pass() for s in self._selectors):
-            if self.rescale and any(s is not None for s in self._selectors):
-                self._phase = "norms"
-                self._l1 = [([], []) for _ in self.densities]
-            else:
-                self._phase = "ready"
-
-    def run(self, tensors: Sequence[Tensor], base: Tensor) -> TrimState:
-        """All passes over a whole tensor given as one chunk (its task vectors computed once)."""
-        if not self.needs_pass():
-            return self
-        return self.run_deltas([x - base if self._trimmed[i] else None for i, x in enumerate(tensors)])
-
-    def run_deltas(self, deltas: Sequence[Tensor | None]) -> TrimState:
-        """All passes over whole task vectors (None for a model that is not trimmed)."""
-        while self.needs_pass():
-            self._observe_deltas(deltas)
-            self.end_pass()
-        return self
+        self.densities = tuple(densities)
+        bands = [(max(1, int(k * numel)), 0) if 0 < k < 1 else None for k in self.densities]
+        super().__init__(bands, rescale, numel, dtype, device)
 
     def sparsify(self, delta: Tensor, i: int) -> Tensor:
         """Trim the next row chunk of model ``i``'s task vector (chunks in order, after the passes)."""
-        assert not self.needs_pass()
-        k = self.densities[i]
-        if k >= 1:
-            return delta
-        if k <= 0:
+        if self.densities[i] <= 0:
             return torch.zeros_like(delta)
-        sel = self._selectors[i]
-        if sel is None:  # every nonzero entry is kept: the trim (and its rescale) is the identity
-            return delta
-        masked = delta * sel.mask(delta)
-        factor = self._factors[i]
-        return masked.mul_(factor.to(masked.device)) if self.rescale and factor is not None else masked
+        return super().sparsify(delta, i)
 
 
-class DropState:
-    """DARE's L1 rescale as whole-tensor statistics, so DARE runs in row chunks too.
-
-    The keyed Bernoulli mask (``u < k_i``, ``ops.keyed_uniform`` at ``ctx.offset``) is elementwise;
-    only the rescale factor ``||d_i||_1 / ||d_i * mask_i||_1`` needs the whole tensor: one pass of
-    per-row float64 L1 sums, as in :class:`TrimState`.
+class OutlierState(BandState):
+    """Model Breadcrumbs' ``magnitude_outliers``: the band of :func:`ops.outlier_band` per model.
 
     Args:
-        densities: keep probability ``k_i`` per model.
-        rescale: whether to L1-rescale.
-        numel: elements in the whole tensor (unused: the mask is elementwise).
+        densities: ``k_i`` per model (>= 1 keeps all).
+        gammas: fraction of largest-magnitude outliers dropped, per model.
+        rescale: whether to L1-rescale each masked task vector.
+        numel: elements in the whole tensor.
         dtype: compute dtype.
         device: compute device.
     """
 
-    def __init__(self, densities: Sequence[float], rescale: bool, numel: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        self.densities, self.rescale = tuple(densities), rescale
+    def __init__(self, densities: Sequence[float], gammas: Sequence[float], rescale: bool, numel: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        bands = [ops.outlier_band(numel, k, g) if k < 1 else None for k, g in zip(densities, gammas, strict=True)]
+        super().__init__(bands, rescale, numel, dtype, device)
+
+
+class _MaskRescaleState:
+    """Keep-masks that a block of rows determines alone; only the L1 rescale factor
+    ``||d_i||_1 / ||d_i * mask_i||_1`` needs the whole tensor: one pass of per-row float64 L1 sums,
+    as in :class:`BandState` (holds O(rows) float64 per model).
+
+    Args:
+        masked: per model, whether its task vector is masked at all.
+        rescale: whether to L1-rescale.
+        dtype: compute dtype.
+    """
+
+    def __init__(self, masked: Sequence[bool], rescale: bool, dtype: torch.dtype):
+        self.rescale = rescale
         self._dtype = dtype
-        self._dropped = [k < 1 for k in self.densities]
-        self._factors: list[Tensor | None] = [None] * len(self.densities)
-        self._l1: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self.densities]
-        self._pending = rescale and any(self._dropped)
+        self._masked = tuple(masked)
+        self._factors: list[Tensor | None] = [None] * len(self._masked)
+        self._l1: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self._masked]
+        self._pending = rescale and any(self._masked)
+
+    def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
+        raise NotImplementedError
 
     def needs_pass(self) -> bool:
         """Whether the norms pass over all row chunks is still needed."""
@@ -176,23 +262,23 @@ class DropState:
 
     def observe(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext | None = None) -> None:
         """Feed one row chunk (``ctx.offset`` at its first element)."""
-        assert ctx is not None, "the drop mask is keyed by the tensor context"
+        assert ctx is not None, "the masks are keyed by the tensor context"
         for i, x in enumerate(tensors):
-            if self._dropped[i]:
+            if self._masked[i]:
                 d = x - base
                 before, after = self._l1[i]
                 before.append(ops.row_l1(d))
-                after.append(ops.row_l1(d * ops.keyed_keep_mask(d, self.densities[i], ctx, i)))
+                after.append(ops.row_l1(d * self._keep_mask(d, i, ctx)))
 
     def end_pass(self) -> None:
         """Close the norms pass."""
         for i, (before, after) in enumerate(self._l1):
-            if self._dropped[i]:
+            if self._masked[i]:
                 self._factors[i] = ops.rescale_factor(before, after, self._dtype)
         self._l1 = []
         self._pending = False
 
-    def run(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext) -> DropState:
+    def run(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext) -> _MaskRescaleState:
         """The pass over a whole tensor given as one chunk."""
         while self.needs_pass():
             self.observe(tensors, base, ctx)
@@ -200,13 +286,63 @@ class DropState:
         return self
 
     def sparsify(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
-        """Drop entries of the next row chunk of model ``i``'s task vector (after the pass)."""
+        """Mask the next row chunk of model ``i``'s task vector (after the pass)."""
         assert not self.needs_pass()
-        if not self._dropped[i]:
+        if not self._masked[i]:
             return delta
-        masked = delta * ops.keyed_keep_mask(delta, self.densities[i], ctx, i)
+        masked = delta * self._keep_mask(delta, i, ctx)
         factor = self._factors[i]
         return masked.mul_(factor.to(masked.device)) if self.rescale and factor is not None else masked
+
+
+class DropState(_MaskRescaleState):
+    """DARE's L1 rescale: the keyed Bernoulli mask ``u < k_i`` (``ops.keyed_uniform`` at
+    ``ctx.offset``) is elementwise.
+
+    Args:
+        densities: keep probability ``k_i`` per model.
+        rescale: whether to L1-rescale.
+        numel: elements in the whole tensor (unused: the mask is elementwise).
+        dtype: compute dtype.
+        device: compute device (unused).
+    """
+
+    def __init__(self, densities: Sequence[float], rescale: bool, numel: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.densities = tuple(densities)
+        super().__init__([k < 1 for k in self.densities], rescale, dtype)
+
+    def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
+        return ops.keyed_keep_mask(delta, self.densities[i], ctx, i)
+
+
+class DellaState(_MaskRescaleState):
+    """DELLA's L1 rescale: the MagPrune mask ranks magnitudes within a row (dim 1) and draws from
+    the keyed stream at ``ctx.offset``, so a block of whole rows of a >= 2-D tensor gets exactly
+    its part of the whole mask (``ops.della_keep_mask``).
+
+    Args:
+        densities: mean keep probability ``k_i`` per model (>= 1 keeps all, <= 0 zeros).
+        epsilons: keep-probability half-width per model.
+        rescale: whether to L1-rescale.
+        numel: elements in the whole tensor (unused).
+        dtype: compute dtype.
+        device: compute device (unused).
+    """
+
+    def __init__(self, densities: Sequence[float], epsilons: Sequence[float], rescale: bool, numel: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.densities, self.epsilons = tuple(densities), tuple(epsilons)
+        super().__init__([0 < k < 1 for k in self.densities], rescale, dtype)
+
+    def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
+        return ops.della_keep_mask(delta, self.densities[i], self.epsilons[i], ctx=ctx, model_index=i)
+
+    def sparsify(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
+        """MagPrune the next row chunk of model ``i``'s task vector (after the pass)."""
+        if self.densities[i] <= 0:
+            return torch.zeros_like(delta)
+        return super().sparsify(delta, i, ctx)
 
 
 def magnitude_sparsify(delta: Tensor, density: float, rescale: bool) -> Tensor:
