@@ -34,8 +34,10 @@ lint: setup
 	$(BIN)/ruff check sar_dist pipelines tests bench
 
 bench: setup
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/merge_bench.py
 	$(BIN)/python bench/fisher_bench.py
+	$(BIN)/python bench/io_bench.py
 
 clean:
-	rm -rf demo-out bench/out
+	rm -rf demo-out bench/out bench/out-io

@@ -24,6 +24,8 @@ class BadInput(Exception):
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from sar_dist.storage import READ_CONCURRENCY
+
     p = argparse.ArgumentParser(prog="sar-dist", description="Merge very large RLVR-trained checkpoints on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -35,6 +37,8 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="compute device of merge tasks")
     m.add_argument("--memory-budget", default="1GiB", help="bytes one task may hold for tensors (default 1GiB)")
+    m.add_argument("--read-concurrency", type=int, default=READ_CONCURRENCY,
+                   help=f"range requests in flight per task for remote inputs (default {READ_CONCURRENCY})")
     m.add_argument("--out-shard-size", help="target output shard size (default 5GB, or the config's)")
     m.add_argument("--dry-run", action="store_true", help="print the plan as JSON and exit")
     m.add_argument("--force", action="store_true", help="replace a different complete merge at the output")
@@ -159,7 +163,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
             if not torch.cuda.is_available():
                 raise BadInput("--device cuda: no CUDA device is visible to this process")
-        plan = build_plan(job, device=args.device, memory_budget=budget)
+        plan = build_plan(job, device=args.device, memory_budget=budget, read_concurrency=args.read_concurrency)
         for w in plan.warnings:
             logger.warning("%s", w)
         if args.dry_run:

@@ -6,8 +6,10 @@ clients retry with backoff), ``drop_every=k`` closes the connection of every k-t
 without answering, and ``always_fail`` answers 500 to every request whose path contains it (a
 permanently broken object; with ``data_only`` only ranged reads past the start of the file fail,
 so the header reads of planning succeed and the failure comes during the merge), and ``delay_s``
-holds every ranged read past the start of a file that long before forwarding it (slow object
-storage: first-byte latency). Counters are global and deterministic.
+holds every ranged read past the start of a file that long before answering it (slow object
+storage: first-byte latency), and ``stream_bytes_per_s`` caps how fast each such answer is sent
+(object stores serve one request at a bounded rate; throughput comes from requests in parallel).
+Counters are global and deterministic.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ class FaultProxy:
     """Start with ``with FaultProxy(upstream, fail_every=3) as proxy: proxy.url ...``."""
 
     def __init__(self, upstream: str, *, fail_every: int = 0, drop_every: int = 0, always_fail: str | None = None,
-                 data_only: bool = False, delay_s: float = 0.0):
+                 data_only: bool = False, delay_s: float = 0.0, stream_bytes_per_s: float = 0.0):
         up = urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
         self.fail_every, self.drop_every, self.always_fail = fail_every, drop_every, always_fail
-        self.data_only, self.delay_s = data_only, delay_s
+        self.data_only, self.delay_s, self.stream_bytes_per_s = data_only, delay_s, stream_bytes_per_s
         self.requests = self.failed = self.dropped = 0
+        self.in_flight = self.max_in_flight = 0  # requests being served at once (concurrency seen)
         self._lock = threading.Lock()
         proxy = self
 
@@ -54,6 +57,16 @@ class FaultProxy:
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
             def _handle(self) -> None:
+                with proxy._lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    self._serve()
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
+
+            def _serve(self) -> None:
                 body = self._body()
                 action = proxy._decide(self.path, self.headers.get("Range", ""))
                 if action == "drop":
@@ -69,14 +82,17 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
-                if action == "slow":
-                    time.sleep(proxy.delay_s)
+                started = time.perf_counter()
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
                 headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                if action == "slow":  # latency, then the body at the capped rate
+                    rate = proxy.stream_bytes_per_s
+                    due = proxy.delay_s + (len(data) / rate if rate else 0.0)
+                    time.sleep(max(0.0, due - (time.perf_counter() - started)))
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in HOP_HEADERS and k.lower() != "content-length":
@@ -108,7 +124,7 @@ class FaultProxy:
             if self.drop_every and n % self.drop_every == 0:
                 self.dropped += 1
                 return "drop"
-        if self.delay_s and range_header.startswith("bytes=") and not header_read:
+        if (self.delay_s or self.stream_bytes_per_s) and range_header.startswith("bytes=") and not header_read:
             return "slow"
         return "forward"
 
@@ -119,3 +135,34 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def main() -> None:
+    """Run a proxy in its own process (benchmarks: no GIL shared with the client under test).
+
+    Prints its URL on the first line of stdout; on SIGTERM writes its counters as JSON to
+    ``--stats`` and exits.
+    """
+    import argparse
+    import json
+    import signal
+    import sys
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("upstream")
+    ap.add_argument("--delay-s", type=float, default=0.0)
+    ap.add_argument("--stream-bytes-per-s", type=float, default=0.0)
+    ap.add_argument("--stats", required=True)
+    args = ap.parse_args()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with FaultProxy(args.upstream, delay_s=args.delay_s, stream_bytes_per_s=args.stream_bytes_per_s) as proxy:
+        print(proxy.url, flush=True)
+        stop.wait()
+        with open(args.stats, "w") as f:
+            json.dump({"requests": proxy.requests, "max_in_flight": proxy.max_in_flight}, f)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -80,6 +80,9 @@ def test_inspect_and_dry_run(tmp_path, tiny_models):
     assert sum(s["chunked_tensors"] for s in plan["shards"]) > 0  # 20 KB forces row chunks
     assert not out.exists()  # a dry run writes nothing
 
+    r = run_cli("merge", cfg, "--executor", "local", "--read-concurrency", "0")
+    assert r.returncode == 2 and "read concurrency must be >= 1" in r.stderr and not out.exists(), r.stderr
+
 
 def _break(kind: str, tmp_path: Path, models: dict[str, str]) -> tuple[str, str]:
     """Build one kind of bad input; returns (config path, expected message fragment)."""

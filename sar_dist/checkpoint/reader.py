@@ -1,19 +1,20 @@
-"""Fetch one tensor (or a block of its rows) with a single range read.
+"""Fetch tensors (or blocks of their rows) by range reads into their own buffers.
 
-Locally the bytes are ``pread`` straight into the tensor's own buffer; remotely one
-``cat_file(path, start, end)`` request fetches exactly that tensor's bytes. The decode
-is ``torch.frombuffer(...).view(dtype).reshape(shape)`` with no further copy.
+Locally the bytes are ``pread`` straight into each tensor's buffer; remotely the ranges of
+all the tensors asked for at once are fetched concurrently in parts (``Storage.read_many``)
+and copied into the buffers. The decode is ``.view(dtype).reshape(shape)`` with no further copy.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from sar_dist.checkpoint.format import TensorInfo
 from sar_dist.checkpoint.index import TensorRef
-from sar_dist.storage import Storage
+from sar_dist.storage import READ_CONCURRENCY, Storage
 
 
 def read_tensor(storage: Storage, ref: TensorRef, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -27,6 +28,32 @@ def read_tensor(storage: Storage, ref: TensorRef, rows: tuple[int, int] | None =
     Returns:
         A CPU tensor of dtype ``ref.info.torch_dtype``.
     """
+    return read_tensors(storage, [ref], rows)[0]
+
+
+def read_tensors(
+    storage: Storage, refs: Sequence[TensorRef], rows: tuple[int, int] | None = None, *,
+    concurrency: int = READ_CONCURRENCY,
+) -> list[torch.Tensor]:
+    """Read the same rows of several tensors (a merge unit's sources), requests in flight together.
+
+    Args:
+        storage: how to reach the files.
+        refs: files and locations from the checkpoint indexes.
+        rows: optional row range, the same for every tensor.
+        concurrency: most range requests in flight (1: one request per tensor, in order).
+
+    Returns:
+        CPU tensors in their stored dtypes, in the order of ``refs``.
+    """
+    planned = [_allocate(ref, rows) for ref in refs]
+    storage.read_many([(ref.file, start, memoryview(buf.numpy())) for ref, (buf, start, _) in zip(refs, planned, strict=True)],
+                      concurrency=concurrency)
+    return [buf.view(ref.info.torch_dtype).reshape(shape) for ref, (buf, _, shape) in zip(refs, planned, strict=True)]
+
+
+def _allocate(ref: TensorRef, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int, tuple[int, ...]]:
+    """The byte buffer, file offset and shape of a tensor or block of rows."""
     info: TensorInfo = ref.info
     shape = info.shape
     start, nbytes = info.offset, info.nbytes
@@ -37,10 +64,7 @@ def read_tensor(storage: Storage, ref: TensorRef, rows: tuple[int, int] | None =
         start += r0 * row_bytes
         nbytes = (r1 - r0) * row_bytes
         shape = (r1 - r0, *shape[1:])
-    out = torch.empty(nbytes, dtype=torch.uint8)
-    if nbytes:
-        storage.read_into(ref.file, start, memoryview(out.numpy()))
-    return out.view(info.torch_dtype).reshape(shape)
+    return torch.empty(nbytes, dtype=torch.uint8), start, tuple(shape)
 
 
 def read_flat(storage: Storage, ref: TensorRef, start: int, end: int) -> torch.Tensor:

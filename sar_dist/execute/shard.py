@@ -2,7 +2,8 @@
 
 Work proceeds in units (a whole tensor, or a block of rows of a tensor that an
 elementwise method may process in pieces); the inputs of the next unit are read on a
-background thread while the current one merges (bounded prefetch of one unit), and the
+background thread while the current one merges (bounded prefetch of one unit; a unit's
+ranges are fetched with several requests in flight, ``Storage.read_many``), and the
 result streams into the shard file. The shard is visible only when complete; then a
 receipt records its size and sha256 so a rerun can skip it.
 """
@@ -19,12 +20,12 @@ from typing import Any
 import torch
 
 from sar_dist.checkpoint.format import DTYPES
-from sar_dist.checkpoint.reader import read_tensor
+from sar_dist.checkpoint.reader import read_tensors
 from sar_dist.checkpoint.writer import ShardWriter
 from sar_dist.merge.base import MergeMethod, TensorContext
 from sar_dist.merge.registry import get_method
 from sar_dist.plan.types import ShardResult, ShardTask, TensorJob
-from sar_dist.storage import Storage
+from sar_dist.storage import READ_CONCURRENCY, Storage
 
 Unit = tuple[TensorJob, tuple[int, int] | None]
 
@@ -44,7 +45,9 @@ def _units(task: ShardTask) -> Iterator[Unit]:
             yield job, rows
 
 
-def gather_state(method: MergeMethod, job: TensorJob, storage: Storage, device: str, seed: int) -> Any:
+def gather_state(
+    method: MergeMethod, job: TensorJob, storage: Storage, device: str, seed: int, concurrency: int = READ_CONCURRENCY
+) -> Any:
     """Whole-tensor statistics of a chunked tensor, in passes over its row blocks.
 
     Each pass reads the blocks again (one block in memory at a time), so a tensor of any
@@ -55,7 +58,8 @@ def gather_state(method: MergeMethod, job: TensorJob, storage: Storage, device: 
     row_elems = math.prod(job.shape[1:])
     while state.needs_pass():
         for rows in _row_ranges(job):
-            tensors = [read_tensor(storage, ref, rows).to(device=device, dtype=compute) for ref in job.sources]
+            tensors = [t.to(device=device, dtype=compute) for t in read_tensors(storage, job.sources, rows,
+                                                                                 concurrency=concurrency)]
             base = tensors.pop(0) if job.base is not None else None
             ctx = TensorContext(name=job.name, seed=seed, offset=(rows[0] if rows else 0) * row_elems)
             n = len(job.inputs)
@@ -73,9 +77,9 @@ def _scaled_fisher(stats: list[torch.Tensor], job: TensorJob) -> list[torch.Tens
     return [f.mul_(scale) for f, scale in zip(stats, job.fisher_scale, strict=True)]
 
 
-def _read_unit(storage: Storage, unit: Unit) -> list[torch.Tensor]:
+def _read_unit(storage: Storage, unit: Unit, concurrency: int) -> list[torch.Tensor]:
     job, rows = unit
-    return [read_tensor(storage, ref, rows) for ref in job.sources]
+    return read_tensors(storage, job.sources, rows, concurrency=concurrency)
 
 
 def merge_unit(
@@ -144,15 +148,15 @@ def _run_shard_task(task: ShardTask, on_tensor: Callable[[TensorJob], None] | No
     entries = [(j.name, j.out_dtype, j.shape) for j in task.tensors]
     units = list(_units(task))
     with ShardWriter(storage, task.url, entries) as writer, ThreadPoolExecutor(max_workers=1) as pool:
-        pending: Future | None = pool.submit(_read_unit, storage, units[0]) if units else None
+        pending: Future | None = pool.submit(_read_unit, storage, units[0], task.read_concurrency) if units else None
         state = None
         for i, unit in enumerate(units):
             assert pending is not None
             raw = pending.result()
             job, rows = unit
             if rows is not None and rows[0] == 0 and method.state is not None and job.params is not None:
-                state = gather_state(method, job, storage, task.device, task.seed)  # before its first block
-            pending = pool.submit(_read_unit, storage, units[i + 1]) if i + 1 < len(units) else None
+                state = gather_state(method, job, storage, task.device, task.seed, task.read_concurrency)  # before its first block
+            pending = pool.submit(_read_unit, storage, units[i + 1], task.read_concurrency) if i + 1 < len(units) else None
             out = merge_unit(method, unit, raw, task.seed, task.device, state if rows is not None else None)
             del raw
             writer.write(job.name, out)

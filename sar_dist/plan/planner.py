@@ -22,7 +22,7 @@ from sar_dist.fisher.stats import FisherStats, open_fisher
 from sar_dist.merge.base import MergeMethod
 from sar_dist.plan import params as param_resolver
 from sar_dist.plan.types import Plan, ShardTask, TensorJob
-from sar_dist.storage import Storage, display_url, join
+from sar_dist.storage import READ_CONCURRENCY, READ_PART_BYTES, Storage, display_url, is_local, join
 
 MANIFEST_NAME = "sar_merge.json"
 STATE_DIR = ".sar_dist"  # receipts of finished shards live here until commit
@@ -91,6 +91,7 @@ def build_plan(
     device: str = "cpu",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     storage: Storage | None = None,
+    read_concurrency: int = READ_CONCURRENCY,
 ) -> Plan:
     """Plan a merge from headers only.
 
@@ -100,6 +101,7 @@ def build_plan(
         memory_budget: bytes one task may hold for tensors; larger tensors of
             elementwise methods are processed in row chunks.
         storage: storage to read headers with (default: from ``job.storage_options``).
+        read_concurrency: most range requests one task keeps in flight (does not change the result).
 
     Returns:
         The plan.
@@ -113,6 +115,8 @@ def build_plan(
     input_refs = job.input_models()
     input_urls = [m.model for m in input_refs]
     urls = ([base_url] if base_url and method.needs_base else []) + input_urls
+    if read_concurrency < 1:
+        raise ValueError(f"read concurrency must be >= 1, got {read_concurrency}")
 
     with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
         futures = {
@@ -197,6 +201,8 @@ def build_plan(
 
     n = len(shards)
     tasks = []
+    remote_inputs = any(not is_local(ref.file) for j in jobs for ref in j.sources)
+    read_buffer = read_concurrency * READ_PART_BYTES if remote_inputs else 0
     for i, shard_jobs in enumerate(shards):
         file_name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         peak = max((unit_bytes(j, j.chunk_rows or 1) for j in shard_jobs), default=0)
@@ -214,7 +220,9 @@ def build_plan(
                 storage_options=job.storage_options,
                 read_bytes=sum(j.read_bytes for j in shard_jobs),
                 out_bytes=len(build_header(layout[i], SAFETENSORS_METADATA)[0]) + sum(j.out_bytes for j in shard_jobs),
-                estimated_bytes=TASK_OVERHEAD_BYTES + peak,
+                # parts in flight are held until copied into their tensors (remote inputs)
+                estimated_bytes=TASK_OVERHEAD_BYTES + peak + read_buffer,
+                read_concurrency=read_concurrency,
             )
         )
 

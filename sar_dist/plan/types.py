@@ -13,6 +13,7 @@ from typing import Any
 
 from sar_dist.checkpoint.format import DTYPES
 from sar_dist.checkpoint.index import TensorRef
+from sar_dist.storage import READ_CONCURRENCY
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -83,6 +84,7 @@ class ShardTask:
         read_bytes: bytes read from inputs.
         out_bytes: size of the finished shard file (header + data).
         estimated_bytes: peak memory estimate for the task (Ray ``memory=`` request).
+        read_concurrency: most range requests the task keeps in flight (``Storage.read_many``).
     """
 
     index: int
@@ -98,6 +100,7 @@ class ShardTask:
     read_bytes: int
     out_bytes: int
     estimated_bytes: int
+    read_concurrency: int = READ_CONCURRENCY
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
