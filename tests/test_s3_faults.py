@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from sar_dist.storage import Storage
@@ -31,19 +32,31 @@ def _config(tmp_path, bucket: str, endpoint: str, out: str):
     return str(path)
 
 
-def test_transient_faults_are_retried_and_output_is_identical(tmp_path, tiny_models, s3_server, s3_options):
+@pytest.fixture(scope="module")
+def clean_merge(tmp_path_factory, tiny_models, s3_server, s3_options) -> list[tuple[str, str]]:
+    """The fault-free merge of bucket ``faults``: its shards' (file, sha256)."""
     storage = Storage(s3_options)
     _setup(storage, tiny_models, "faults")
-    r = run_cli("merge", _config(tmp_path, "faults", s3_server, "s3://faults/clean"), "--executor", "local")
+    r = run_cli("merge", _config(tmp_path_factory.mktemp("clean"), "faults", s3_server, "s3://faults/clean"),
+                "--executor", "local")
     assert r.returncode == 0, r.stderr
+    return _shards(storage, "faults/clean")
+
+
+def _shards(storage: Storage, path: str) -> list[tuple[str, str]]:
+    manifest = json.loads(storage._remote("s3://x")[0].cat_file(f"{path}/sar_merge.json"))
+    return [(s["file"], s["sha256"]) for s in manifest["shards"]]
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_transient_faults_are_retried_and_output_is_identical(tmp_path, clean_merge, s3_server, s3_options, executor):
+    # the Ray executor's tasks read and write through the proxy from their own worker processes
     with FaultProxy(s3_server, fail_every=4, drop_every=7) as proxy:
-        r = run_cli("merge", _config(tmp_path, "faults", proxy.url, "s3://faults/faulty"), "--executor", "local")
+        r = run_cli("merge", _config(tmp_path, "faults", proxy.url, f"s3://faults/faulty-{executor}"),
+                    "--executor", executor, "--num-cpus", "2")
         assert r.returncode == 0, r.stderr
         assert proxy.failed > 0 and proxy.dropped > 0
-    fs = storage._remote("s3://x")[0]
-    clean = json.loads(fs.cat_file("faults/clean/sar_merge.json"))
-    faulty = json.loads(fs.cat_file("faults/faulty/sar_merge.json"))
-    assert [(s["file"], s["sha256"]) for s in clean["shards"]] == [(s["file"], s["sha256"]) for s in faulty["shards"]]
+    assert _shards(Storage(s3_options), f"faults/faulty-{executor}") == clean_merge
 
 
 def test_permanent_failure_names_the_object_and_leaves_no_complete_output(tmp_path, tiny_models, s3_server, s3_options):
