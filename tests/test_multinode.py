@@ -183,7 +183,7 @@ def test_node_stopped_mid_merge_the_job_completes_on_the_other(two_nodes, tiny_m
     def config(endpoint: str) -> Path:
         path = tmp_path / f"ties-{len(list(tmp_path.iterdir()))}.yaml"
         path.write_text(json.dumps({
-            "merge_method": "ties", "base_model": "s3://nodestop/base", "out_shard_size": 8_000,
+            "merge_method": "ties", "base_model": "s3://nodestop/base", "out_shard_size": 20_000,
             "models": [{"model": f"s3://nodestop/{k}"} for k in ("ft1", "ft2", "ft3")],
             "parameters": {"density": 0.3, "weight": 1.0},
             "storage_options": {"client_kwargs": {"endpoint_url": endpoint}}}))
@@ -194,10 +194,12 @@ def test_node_stopped_mid_merge_the_job_completes_on_the_other(two_nodes, tiny_m
     assert r.returncode == 0, r.stderr
 
     head_id = next(n.node_id for n in two_nodes.alive_nodes() if n.is_head_node)
-    with FaultProxy(s3_server, delay_s=0.25) as proxy:
+    # one request at a time, 0.5 s each: a shard task runs for several seconds, far longer than
+    # the state API takes to report it running
+    with FaultProxy(s3_server, delay_s=0.5) as proxy:
         driver = subprocess.Popen(
             [sys.executable, "-m", "sar_dist.cli", "merge", str(config(proxy.url)), "--output", str(out), "--json",
-             "--ray-address", f"{two_nodes.ip}:{two_nodes.gcs}"],
+             "--read-concurrency", "1", "--ray-address", f"{two_nodes.ip}:{two_nodes.gcs}"],
             cwd=REPO, env=two_nodes.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             # wait until a shard task is running on the worker node, then take the node away
