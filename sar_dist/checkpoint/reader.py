@@ -67,14 +67,17 @@ def _allocate(ref: TensorRef, rows: tuple[int, int] | None) -> tuple[torch.Tenso
     return torch.empty(nbytes, dtype=torch.uint8), start, tuple(shape)
 
 
-def read_flat(storage: Storage, ref: TensorRef, start: int, end: int) -> torch.Tensor:
-    """Read elements ``[start, end)`` of a tensor flattened in row-major order (one range read).
+def read_flat(
+    storage: Storage, ref: TensorRef, start: int, end: int, *, concurrency: int = READ_CONCURRENCY
+) -> torch.Tensor:
+    """Read elements ``[start, end)`` of a tensor flattened in row-major order.
 
-    A ZeRO-3 rank loads exactly its own partition of a parameter this way.
+    A ZeRO-3 rank loads exactly its own partition of a parameter this way (one range; from
+    object storage in parts with requests in flight, as ``read_tensors``).
     """
     info: TensorInfo = ref.info
     assert 0 <= start <= end <= info.numel, (start, end, info.numel)
     out = torch.empty((end - start) * info.itemsize, dtype=torch.uint8)
-    if end > start:
-        storage.read_into(ref.file, info.offset + start * info.itemsize, memoryview(out.numpy()))
+    storage.read_many([(ref.file, info.offset + start * info.itemsize, memoryview(out.numpy()))],
+                      concurrency=concurrency)
     return out.view(info.torch_dtype)
