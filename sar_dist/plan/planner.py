@@ -20,6 +20,7 @@ from sar_dist.checkpoint.writer import SAFETENSORS_METADATA
 from sar_dist.config import MergeJob
 from sar_dist.fisher.stats import FisherStats, open_fisher
 from sar_dist.merge.base import MergeMethod
+from sar_dist.merge.methods.trim import MAX_KEPT_MAGNITUDES
 from sar_dist.plan import params as param_resolver
 from sar_dist.plan.types import Plan, ShardTask, TensorJob
 from sar_dist.storage import READ_CONCURRENCY, READ_PART_BYTES, Storage, display_url, is_local, join
@@ -52,6 +53,26 @@ def unit_bytes(job: TensorJob, rows: int) -> int:
     stored = sum(r.info.itemsize for r in sources)
     per_elem = 2 * stored + (2 * len(sources) + 4) * csize + DTYPES[job.out_dtype][1]
     return rows * row_elems * per_elem
+
+
+def state_bytes(job: TensorJob, method: MergeMethod) -> int:
+    """Bound on what a method's whole-tensor state holds beside the blocks (0 without one).
+
+    Counted in a task's memory request, not against ``--memory-budget`` (which sizes the blocks).
+
+    The largest state is the magnitude band of ``ties``/``breadcrumbs`` (``trim.BandState``): per
+    input model, up to ``MAX_KEPT_MAGNITUDES`` kept magnitudes, two radix histograms of 2**16
+    counts and two float64 L1 sums per row. ``sar``'s single selector, ``slerp``'s piece buffers
+    (2 x 2**20 elements) and the L1 sums of DARE/DELLA are below it.
+    """
+    if method.state is None or job.params is None:
+        return 0
+    rows = job.shape[0] if job.shape else 1
+    numel = math.prod(job.shape) if job.shape else 1
+    kept = min(numel, MAX_KEPT_MAGNITUDES) * DTYPES[job.compute_dtype][1]
+    histograms = 2 * 2**16 * 8 if numel > MAX_KEPT_MAGNITUDES else 0
+    per_model = kept + histograms + 2 * rows * 8
+    return len(job.inputs) * per_model
 
 
 def _pick_chunk_rows(job: TensorJob, elementwise: bool, budget: int) -> tuple[int, bool]:
@@ -206,6 +227,8 @@ def build_plan(
     for i, shard_jobs in enumerate(shards):
         file_name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         peak = max((unit_bytes(j, j.chunk_rows or 1) for j in shard_jobs), default=0)
+        # a state's statistics are held beside the blocks, outside the budget for tensor blocks
+        state = max((state_bytes(j, method) for j in shard_jobs), default=0)
         tasks.append(
             ShardTask(
                 index=i,
@@ -221,7 +244,7 @@ def build_plan(
                 read_bytes=sum(j.read_bytes for j in shard_jobs),
                 out_bytes=len(build_header(layout[i], SAFETENSORS_METADATA)[0]) + sum(j.out_bytes for j in shard_jobs),
                 # parts in flight are held until copied into their tensors (remote inputs)
-                estimated_bytes=TASK_OVERHEAD_BYTES + peak + read_buffer,
+                estimated_bytes=TASK_OVERHEAD_BYTES + peak + state + read_buffer,
                 read_concurrency=read_concurrency,
             )
         )
