@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -185,3 +186,27 @@ def test_ray_worker_killed_mid_shard_is_retried(tmp_path, ray_local):
         thread.join()
     assert killed, "no shard task was running to kill"
     assert _shard_files(out) == _shard_files(ref)
+
+
+def test_task_memory_request_counts_state_and_parts_in_flight(tmp_path, tiny_models):
+    from sar_dist.merge.registry import get_method
+    from sar_dist.plan.planner import state_bytes
+    from sar_dist.storage import READ_PART_BYTES
+
+    ta = build_plan(_job(tiny_models, str(tmp_path / "ta"), "task_arithmetic", out_shard_size=20_000))
+    ties = build_plan(_job(tiny_models, str(tmp_path / "ties"), "ties", out_shard_size=20_000))
+    assert [t.file_name for t in ta.tasks] == [t.file_name for t in ties.tasks]
+    for a, b in zip(ta.tasks, ties.tasks, strict=True):
+        held = max(state_bytes(j, get_method("ties")) for j in b.tensors)
+        # kept magnitudes (all of a tensor this small, fp32) and two float64 norms per row, per model
+        assert held == max(3 * (j.shape[0] * 16 + math.prod(j.shape) * 4) for j in b.tensors if j.params)
+        assert b.estimated_bytes - a.estimated_bytes == held > 0
+    # remote inputs: the parts in flight are requested too
+    storage = Storage()
+    remote = {k: f"memory://mem-{tmp_path.name}/{k}" for k in tiny_models}
+    for k, local in tiny_models.items():
+        upload_tree(storage, local, remote[k])
+    ta_remote = build_plan(_job(remote, str(tmp_path / "ta-remote"), "task_arithmetic", out_shard_size=20_000),
+                           read_concurrency=4)
+    assert [t.estimated_bytes - a.estimated_bytes for t, a in zip(ta_remote.tasks, ta.tasks, strict=True)] == \
+        [4 * READ_PART_BYTES] * len(ta.tasks)
