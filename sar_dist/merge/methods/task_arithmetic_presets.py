@@ -15,8 +15,9 @@ from torch import Tensor
 
 from sar_dist.merge import ops
 from sar_dist.merge.base import TensorContext, method_param, per_model
+from sar_dist.merge.methods.drop import DellaState, DropState
 from sar_dist.merge.methods.task_arithmetic import TaskArithmeticParams, generalized_task_arithmetic
-from sar_dist.merge.methods.trim import DellaState, DropState, OutlierState
+from sar_dist.merge.methods.trim import OutlierState
 
 DARE_URL = "https://arxiv.org/abs/2311.03099"
 BREADCRUMBS_URL = "https://arxiv.org/abs/2312.06795"

@@ -19,7 +19,7 @@ Passes, each over all row chunks in order:
 Then the merge runs chunk by chunk with :meth:`BandState.sparsify`.
 
 Masks that a block of rows determines alone (DARE's keyed Bernoulli drop, DELLA's per-row ranks)
-need only pass 3: :class:`DropState` and :class:`DellaState`.
+need only pass 3: :mod:`sar_dist.merge.methods.drop`.
 """
 
 from __future__ import annotations
@@ -232,117 +232,6 @@ class OutlierState(BandState):
                  dtype: torch.dtype, device: torch.device | str):
         bands = [ops.outlier_band(numel, k, g) if k < 1 else None for k, g in zip(densities, gammas, strict=True)]
         super().__init__(bands, rescale, numel, dtype, device)
-
-
-class _MaskRescaleState:
-    """Keep-masks that a block of rows determines alone; only the L1 rescale factor
-    ``||d_i||_1 / ||d_i * mask_i||_1`` needs the whole tensor: one pass of per-row float64 L1 sums,
-    as in :class:`BandState` (holds O(rows) float64 per model).
-
-    Args:
-        masked: per model, whether its task vector is masked at all.
-        rescale: whether to L1-rescale.
-        dtype: compute dtype.
-    """
-
-    def __init__(self, masked: Sequence[bool], rescale: bool, dtype: torch.dtype):
-        self.rescale = rescale
-        self._dtype = dtype
-        self._masked = tuple(masked)
-        self._factors: list[Tensor | None] = [None] * len(self._masked)
-        self._l1: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self._masked]
-        self._pending = rescale and any(self._masked)
-
-    def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
-        raise NotImplementedError
-
-    def needs_pass(self) -> bool:
-        """Whether the norms pass over all row chunks is still needed."""
-        return self._pending
-
-    def observe(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext | None = None) -> None:
-        """Feed one row chunk (``ctx.offset`` at its first element)."""
-        assert ctx is not None, "the masks are keyed by the tensor context"
-        for i, x in enumerate(tensors):
-            if self._masked[i]:
-                d = x - base
-                before, after = self._l1[i]
-                before.append(ops.row_l1(d))
-                after.append(ops.row_l1(d * self._keep_mask(d, i, ctx)))
-
-    def end_pass(self) -> None:
-        """Close the norms pass."""
-        for i, (before, after) in enumerate(self._l1):
-            if self._masked[i]:
-                self._factors[i] = ops.rescale_factor(before, after, self._dtype)
-        self._l1 = []
-        self._pending = False
-
-    def run(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext) -> _MaskRescaleState:
-        """The pass over a whole tensor given as one chunk."""
-        while self.needs_pass():
-            self.observe(tensors, base, ctx)
-            self.end_pass()
-        return self
-
-    def sparsify(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
-        """Mask the next row chunk of model ``i``'s task vector (after the pass)."""
-        assert not self.needs_pass()
-        if not self._masked[i]:
-            return delta
-        masked = delta * self._keep_mask(delta, i, ctx)
-        factor = self._factors[i]
-        return masked.mul_(factor.to(masked.device)) if self.rescale and factor is not None else masked
-
-
-class DropState(_MaskRescaleState):
-    """DARE's L1 rescale: the keyed Bernoulli mask ``u < k_i`` (``ops.keyed_uniform`` at
-    ``ctx.offset``) is elementwise.
-
-    Args:
-        densities: keep probability ``k_i`` per model.
-        rescale: whether to L1-rescale.
-        numel: elements in the whole tensor (unused: the mask is elementwise).
-        dtype: compute dtype.
-        device: compute device (unused).
-    """
-
-    def __init__(self, densities: Sequence[float], rescale: bool, numel: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        self.densities = tuple(densities)
-        super().__init__([k < 1 for k in self.densities], rescale, dtype)
-
-    def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
-        return ops.keyed_keep_mask(delta, self.densities[i], ctx, i)
-
-
-class DellaState(_MaskRescaleState):
-    """DELLA's L1 rescale: the MagPrune mask ranks magnitudes within a row (dim 1) and draws from
-    the keyed stream at ``ctx.offset``, so a block of whole rows of a >= 2-D tensor gets exactly
-    its part of the whole mask (``ops.della_keep_mask``).
-
-    Args:
-        densities: mean keep probability ``k_i`` per model (>= 1 keeps all, <= 0 zeros).
-        epsilons: keep-probability half-width per model.
-        rescale: whether to L1-rescale.
-        numel: elements in the whole tensor (unused).
-        dtype: compute dtype.
-        device: compute device (unused).
-    """
-
-    def __init__(self, densities: Sequence[float], epsilons: Sequence[float], rescale: bool, numel: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        self.densities, self.epsilons = tuple(densities), tuple(epsilons)
-        super().__init__([0 < k < 1 for k in self.densities], rescale, dtype)
-
-    def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
-        return ops.della_keep_mask(delta, self.densities[i], self.epsilons[i], ctx=ctx, model_index=i)
-
-    def sparsify(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
-        """MagPrune the next row chunk of model ``i``'s task vector (after the pass)."""
-        if self.densities[i] <= 0:
-            return torch.zeros_like(delta)
-        return super().sparsify(delta, i, ctx)
 
 
 def magnitude_sparsify(delta: Tensor, density: float, rescale: bool) -> Tensor:
