@@ -10,7 +10,7 @@ import torch
 
 from sar_dist.merge import ops
 from sar_dist.merge.base import REQUIRED, MergeMethod, TensorContext
-from sar_dist.merge.methods.trim import magnitude_sparsify
+from sar_dist.merge.methods.trim import magnitude_outliers_sparsify, magnitude_sparsify
 from sar_dist.merge.registry import METHODS
 
 CTX = TensorContext(name="model.layers.0.mlp.up_proj.weight", seed=7)
@@ -352,13 +352,13 @@ def test_magnitude_sparsify_density_edges():
 def test_magnitude_outliers_edge_cases():
     d = torch.arange(1, 51, dtype=torch.float32)  # |d| ascending = index order
     # int(0.01 * 50) == 0 outliers: keep the 10 largest.
-    got = ops.magnitude_outliers_sparsify(d, 0.2, 0.01, rescale=False)
+    got = magnitude_outliers_sparsify(d, 0.2, 0.01, rescale=False)
     assert torch.equal(got != 0, d > 40)
     # 10 kept + 45 outliers > 50: drop only 40 outliers, keep the 10 smallest.
-    got = ops.magnitude_outliers_sparsify(d, 0.2, 0.9, rescale=False)
+    got = magnitude_outliers_sparsify(d, 0.2, 0.9, rescale=False)
     assert torch.equal(got != 0, d <= 10)
     # Usual case: drop 5 largest, keep the next 10.
-    got = ops.magnitude_outliers_sparsify(d, 0.2, 0.1, rescale=False)
+    got = magnitude_outliers_sparsify(d, 0.2, 0.1, rescale=False)
     assert torch.equal(got != 0, (d > 35) & (d <= 45))
 
 

@@ -328,30 +328,6 @@ def outlier_band(numel: int, density: float, gamma: float) -> tuple[int, int]:
     return num_lo + num_keep, num_lo
 
 
-def magnitude_outliers_sparsify(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
-    """Breadcrumbs: drop the largest ``int(gamma * numel)`` and the smallest, keeping ``int(density * numel)``.
-
-    The band of :func:`outlier_band`, built from two top-k masks (no sort); the whole-tensor kernel
-    (the ``breadcrumbs`` methods run ``trim.OutlierState``, which gives the same bits in row blocks).
-
-    Args:
-        delta: the task vector.
-        density: fraction to keep; >= 1 returns ``delta`` unchanged.
-        gamma: fraction of largest-magnitude outliers to drop.
-        rescale: L1-norm rescale after masking.
-
-    Returns:
-        The sparsified tensor, in ``delta``'s dtype.
-    """
-    if density >= 1:
-        return delta
-    num_hi, num_lo = outlier_band(delta.numel(), density, gamma)
-    mask = topk_magnitude_mask(delta, num_hi)
-    if num_lo > 0:
-        mask &= ~topk_magnitude_mask(delta, num_lo)
-    return masked_rescale(delta, mask, rescale)
-
-
 def keyed_keep_mask(delta: Tensor, density: float, ctx: TensorContext, model_index: int) -> Tensor:
     """DARE's keep-mask ``u < density`` from the keyed uniform stream at ``ctx.offset``."""
     return keyed_uniform(ctx, model_index, delta.numel(), delta.device).view(delta.shape) < density
@@ -421,8 +397,9 @@ def della_sparsify(
 ) -> Tensor:
     """DELLA MagPrune: keep each entry with a probability rising with its magnitude rank in its row.
 
-    The mask of :func:`della_keep_mask`, then the L1 rescale; the whole-tensor kernel (the ``della``
-    methods run ``trim.DellaState``, which gives the same bits in row blocks).
+    The mask of :func:`della_keep_mask`, then the L1 rescale (:func:`masked_rescale`): the
+    single-tensor form of ``drop.DellaState``, which the ``della`` methods run with the same mask
+    and rescale formula, whole or in row blocks.
 
     Args:
         delta: the task vector.

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sar_dist.merge import ops
 from sar_dist.merge.base import TensorContext, method_param, per_model
 from sar_dist.merge.methods.drop import DellaState, DropState
 from sar_dist.merge.methods.task_arithmetic import TaskArithmeticParams, generalized_task_arithmetic
@@ -187,13 +186,11 @@ def _della(
     tensors: Sequence[Tensor], base: Tensor, p: DellaLinearParams, ctx: TensorContext, elect: bool,
     state: DellaState | None,
 ) -> Tensor:
-    def sparsify(d: Tensor, i: int) -> Tensor:
-        if state is not None:  # a block of rows: the rescale norms were gathered over the whole tensor
-            return state.sparsify(d, i, ctx)
-        # the whole tensor: one mask per model, rescaled by the same per-row float64 L1 sums
-        return ops.della_sparsify(d, p.densities[i], p.epsilons[i], p.rescale, ctx=ctx, model_index=i)
-
-    return generalized_task_arithmetic(tensors, base, p, sparsify=sparsify, elect=elect)
+    if state is None:  # the whole tensor is here: its rescale norms come from it
+        state = della_state(p, base.numel(), base.dtype, base.device).run(tensors, base, ctx)
+    return generalized_task_arithmetic(
+        tensors, base, p, sparsify=lambda d, i: state.sparsify(d, i, ctx), elect=elect
+    )
 
 
 def della(

@@ -234,6 +234,25 @@ class OutlierState(BandState):
         super().__init__(bands, rescale, numel, dtype, device)
 
 
+def magnitude_outliers_sparsify(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
+    """Breadcrumbs of one whole task vector: drop the ``int(gamma * numel)`` largest ``|d|`` and the
+    smallest, keeping ``int(density * numel)`` (the band of :func:`ops.outlier_band`).
+
+    The single-tensor form of :class:`OutlierState` (the code ``breadcrumbs`` runs).
+
+    Args:
+        delta: the task vector.
+        density: fraction to keep; >= 1 returns ``delta`` unchanged.
+        gamma: fraction of largest-magnitude outliers to drop.
+        rescale: L1-norm rescale after masking.
+
+    Returns:
+        The sparsified tensor, in ``delta``'s dtype.
+    """
+    state = OutlierState((density,), (gamma,), rescale, delta.numel(), delta.dtype, delta.device)
+    return state.run_deltas([delta]).sparsify(delta, 0)
+
+
 def magnitude_sparsify(delta: Tensor, density: float, rescale: bool) -> Tensor:
     """TIES trim of one whole task vector: keep the ``max(1, int(density * numel))`` largest ``|d|``.
 
