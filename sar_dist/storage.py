@@ -200,8 +200,7 @@ class Storage:
             OSError: a request failed after the client's own retries (the message names the URL).
             EOFError: a file is shorter than a requested range.
         """
-        if concurrency < 1:
-            raise ValueError(f"read concurrency must be >= 1, got {concurrency}")
+        check_read_concurrency(concurrency)
         by_protocol: dict[str, list[tuple[str, int, memoryview]]] = {}
         for url, start, out in reads:
             if len(out) == 0:
@@ -369,7 +368,7 @@ class Storage:
         prefixes = tuple(f".{n}." for n in names)
         removed = [e for e in self.listdir(directory) if e.startswith(prefixes) and e.endswith(".partial")]
         for entry in removed:
-            self.remove(f"{directory.rstrip('/')}/{entry}")
+            self.remove(join(directory, entry))
         return removed
 
     def makedirs(self, url: str) -> None:
@@ -379,6 +378,12 @@ class Storage:
             return
         fs, path = self._remote(url)
         fs.makedirs(path, exist_ok=True)
+
+
+def check_read_concurrency(concurrency: int) -> None:
+    """Raise ``ValueError`` unless at least one request may be in flight."""
+    if concurrency < 1:
+        raise ValueError(f"read concurrency must be >= 1, got {concurrency}")
 
 
 def unique_suffix() -> str:

@@ -20,10 +20,18 @@ from sar_dist.checkpoint.writer import SAFETENSORS_METADATA
 from sar_dist.config import MergeJob
 from sar_dist.fisher.stats import FisherStats, open_fisher
 from sar_dist.merge.base import MergeMethod
-from sar_dist.merge.methods.trim import MAX_KEPT_MAGNITUDES
+from sar_dist.merge.methods.trim import band_state_bytes
 from sar_dist.plan import params as param_resolver
 from sar_dist.plan.types import Plan, ShardTask, TensorJob
-from sar_dist.storage import READ_CONCURRENCY, READ_PART_BYTES, Storage, display_url, is_local, join
+from sar_dist.storage import (
+    READ_CONCURRENCY,
+    READ_PART_BYTES,
+    Storage,
+    check_read_concurrency,
+    display_url,
+    is_local,
+    join,
+)
 
 MANIFEST_NAME = "sar_merge.json"
 STATE_DIR = ".sar_dist"  # receipts of finished shards live here until commit
@@ -59,20 +67,13 @@ def state_bytes(job: TensorJob, method: MergeMethod) -> int:
     """Bound on what a method's whole-tensor state holds beside the blocks (0 without one).
 
     Counted in a task's memory request, not against ``--memory-budget`` (which sizes the blocks).
-
-    The largest state is the magnitude band of ``ties``/``breadcrumbs`` (``trim.BandState``): per
-    input model, up to ``MAX_KEPT_MAGNITUDES`` kept magnitudes, two radix histograms of 2**16
-    counts and two float64 L1 sums per row. ``sar``'s single selector, ``slerp``'s piece buffers
-    (2 x 2**20 elements) and the L1 sums of DARE/DELLA are below it.
+    The bound of the largest state, ``trim.BandState``'s, covers the others (``sar``'s single
+    selector, ``slerp``'s piece buffers, the per-row L1 sums of DARE and DELLA).
     """
     if method.state is None or job.params is None:
         return 0
-    rows = job.shape[0] if job.shape else 1
-    numel = math.prod(job.shape) if job.shape else 1
-    kept = min(numel, MAX_KEPT_MAGNITUDES) * DTYPES[job.compute_dtype][1]
-    histograms = 2 * 2**16 * 8 if numel > MAX_KEPT_MAGNITUDES else 0
-    per_model = kept + histograms + 2 * rows * 8
-    return len(job.inputs) * per_model
+    shape = job.shape or (1,)
+    return len(job.inputs) * band_state_bytes(shape[0], math.prod(shape), DTYPES[job.compute_dtype][1])
 
 
 def _pick_chunk_rows(job: TensorJob, elementwise: bool, budget: int) -> tuple[int, bool]:
@@ -136,8 +137,7 @@ def build_plan(
     input_refs = job.input_models()
     input_urls = [m.model for m in input_refs]
     urls = ([base_url] if base_url and method.needs_base else []) + input_urls
-    if read_concurrency < 1:
-        raise ValueError(f"read concurrency must be >= 1, got {read_concurrency}")
+    check_read_concurrency(read_concurrency)  # bad input: before any header is read
 
     with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
         futures = {

@@ -8,6 +8,7 @@ float64 L1 sums, gathered in one pass over the row blocks as in ``trim.BandState
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +18,7 @@ from sar_dist.merge import ops
 from sar_dist.merge.base import TensorContext
 
 
-class _MaskRescaleState:
+class _MaskRescaleState(abc.ABC):
     """Keep-masks that a block of rows determines alone; only the L1 rescale factor
     ``||d_i||_1 / ||d_i * mask_i||_1`` needs the whole tensor: one pass of per-row float64 L1 sums,
     as in :class:`BandState` (holds O(rows) float64 per model).
@@ -36,8 +37,9 @@ class _MaskRescaleState:
         self._l1: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self._masked]
         self._pending = rescale and any(self._masked)
 
+    @abc.abstractmethod
     def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
-        raise NotImplementedError
+        """Model ``i``'s keep-mask of a block of rows (its first element at ``ctx.offset``)."""
 
     def needs_pass(self) -> bool:
         """Whether the norms pass over all row chunks is still needed."""

@@ -36,6 +36,17 @@ MAX_KEPT_MAGNITUDES = 2**22
 """Nonzero magnitudes a model may keep from the counting pass (a fixed bound, so the memory of
 the state stays small beside the budget even for a 128k x 8192 embedding; more falls back to radix)."""
 
+
+
+def band_state_bytes(rows: int, numel: int, itemsize: int) -> int:
+    """Most bytes :class:`BandState` holds per model for a tensor of ``rows`` x ... = ``numel``:
+    the kept nonzero magnitudes (compute dtype), two radix histograms of 2**16 int64 counts when
+    the magnitudes do not all fit, and two float64 L1 sums per row."""
+    kept = min(numel, MAX_KEPT_MAGNITUDES) * itemsize
+    histograms = 2 * 2**16 * 8 if numel > MAX_KEPT_MAGNITUDES else 0
+    return kept + histograms + 2 * rows * 8
+
+
 _PASS, _EMPTY, _MASK = "pass", "empty", "mask"  # a band keeps every nonzero entry / none / some
 
 
