@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -81,11 +82,23 @@ def planted(tmp_path_factory) -> dict[str, str]:
 def test_module_kind_and_rank():
     assert module_kind("model.layers.3.self_attn.k_proj.weight") == ("attention", "k_proj")
     assert module_kind("model.layers.3.mlp.down_proj.weight") == ("mlp", "down_proj")
-    assert module_kind("model.layers.3.mlp.gate.weight") == ("mlp", "mlp")
+    assert module_kind("model.layers.3.mlp.gate_proj.weight") == ("mlp", "gate_proj")
     assert module_kind("model.layers.3.self_attn.q_norm.weight") == ("norm", "norm")
-    assert module_kind("model.embed_tokens.weight") == ("embedding", "embed_tokens")
-    assert module_kind("lm_head.weight") == ("embedding", "lm_head")
+    assert module_kind("model.layers.3.post_attention_layernorm.weight") == ("norm", "norm")
+    # the input embedding and the output projection are separate groups (also when tied)
+    assert module_kind("model.embed_tokens.weight") == ("embed_tokens", "embed_tokens")
+    assert module_kind("lm_head.weight") == ("lm_head", "lm_head")
     assert module_kind("model.rotary.inv_freq") == ("other", "other")
+    # MoE: the router (Qwen-MoE/OLMoE/DeepSeek `mlp.gate`, Mixtral `block_sparse_moe.gate`) and the experts
+    # (per expert, shared, or fused by transformers) are groups of their own, apart from a dense mlp
+    assert module_kind("model.layers.3.mlp.gate.weight") == ("router", "router")
+    assert module_kind("model.layers.3.block_sparse_moe.gate.weight") == ("router", "router")
+    assert module_kind("model.layers.3.mlp.router.weight") == ("router", "router")
+    assert module_kind("model.layers.3.mlp.shared_expert_gate.weight") == ("router", "router")
+    assert module_kind("model.layers.3.mlp.experts.7.down_proj.weight") == ("experts", "experts.down_proj")
+    assert module_kind("model.layers.3.block_sparse_moe.experts.0.w1.weight") == ("experts", "experts.w1")
+    assert module_kind("model.layers.3.mlp.experts.gate_up_proj") == ("experts", "experts.gate_up_proj")
+    assert module_kind("model.layers.3.mlp.shared_expert.up_proj.weight") == ("experts", "shared_experts.up_proj")
     assert svd_rank((4096, 11008), 0.01) == 41 and svd_rank((8, 6), 0.01) == 1 and svd_rank((8, 6), 1 / 3) == 2
 
 
@@ -202,7 +215,7 @@ def test_cli_end_to_end(tmp_path, tiny_models):
     rep = json.loads((out / "report.json").read_text())
     assert printed["overall"] == rep["overall"] and rep["settings"]["svd_counts"] == {"exact": 16}
     assert [entry["layer"] for entry in rep["per_layer"]] == [0, 1]
-    assert set(rep["per_module"]) == {"attention", "mlp", "embedding", "norm"}
+    assert list(rep["per_module"]) == ["embed_tokens", "lm_head", "attention", "mlp", "norm"]
     # counts against a direct computation from the tensors
     base = load_safetensors_dir(tiny_models["base"])
     fts = [load_safetensors_dir(tiny_models[k]) for k in ("ft1", "ft2", "ft3")]
@@ -261,3 +274,198 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, planted, capsys, monkeyp
     with pytest.raises(ValueError, match="has shape"):
         run_analyze(p["base"], [p["bad_shape"]], str(out), executor="local")
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- the report's reading
+# In-process on synthetic sufficient statistics (what tensor_stats returns): no files, no tensors.
+
+
+def _raw(name: str, shape: tuple[int, ...], updated: list[int], *, sumsq: list[float] | None = None,
+         inside: list[float] | None = None, pairs: dict[tuple[int, int], tuple[int, int, float]] | None = None
+         ) -> dict:
+    k = len(updated)
+    sumsq = sumsq or [float(u) for u in updated]
+    two_d = len(shape) == 2
+    models = [{"updated": u, "sumsq": s, "in_overlap": 0, "sens_total": None, "sens_overlap": None,
+               "energy_inside": (inside[i] if inside else s * 1.5 / math.prod(shape)) if two_d else None}
+              for i, (u, s) in enumerate(zip(updated, sumsq, strict=True))]
+    pairs = pairs or {}
+    return {"name": name, "shape": list(shape), "dtype": "F32", "numel": math.prod(shape),
+            "base_sumsq": float(math.prod(shape)),
+            "svd": {"method": "exact", "rank": 1, "q": min(shape)} if two_d else None, "models": models,
+            "pairs": [{"a": a, "b": b, "intersection": pairs.get((a, b), (0, 0, 0.0))[0],
+                       "sign_conflicts": pairs.get((a, b), (0, 0, 0.0))[1], "dot": pairs.get((a, b), (0, 0, 0.0))[2]}
+                      for a in range(k) for b in range(a + 1, k)]}
+
+
+def _report(raws: list[dict], labels: list[str], rank_fraction: float = 0.01) -> dict:
+    from sar_dist.analyze.run import DEFINITIONS, aggregate
+
+    agg = aggregate(raws, labels, False)
+    return {"inputs": {"base": "base", "models": labels, "labels": labels, "fisher": None},
+            "settings": {"tolerance": 0.0, "rank_fraction": rank_fraction, "svd": "auto",
+                         "svd_counts": {"exact": sum(r["svd"] is not None for r in raws)}},
+            "definitions": DEFINITIONS, "num_tensors": len(raws), "num_parameters": agg["overall"]["numel"], **agg}
+
+
+def _table(md: str, heading: str) -> list[dict[str, str]]:
+    """The rows of the first table under ``heading``, as {column header: cell} (first header of a name wins)."""
+    lines = md.split(f"\n{heading}\n", 1)[1].splitlines()
+    rows = [ln for ln in lines[:next((i for i, ln in enumerate(lines) if ln.startswith("#")), len(lines))]
+            if ln.startswith("|")]
+    split = [[c.strip() for c in ln.strip("|").split("|")] for ln in rows]
+    header = split[0]
+    return [{h: c for h, c in reversed(list(zip(header, cells, strict=True)))} for cells in split[2:]]
+
+
+def _reading(md: str) -> list[str]:
+    body = md.split("\n## Reading\n\n", 1)[1].split("\n\n", 1)[0]
+    return [ln[2:] for ln in body.splitlines()]
+
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?[%x]?(?![\w.])")
+
+
+def _check_reading(md: str, report: dict) -> list[str]:
+    """Every number the reading quotes is a cell of a table (or the header line, or a documented threshold),
+    and every model's density, pair's overlap vs chance and cosine is quoted as its table cell."""
+    from sar_dist.analyze.run import READING_RULES
+
+    reading = _reading(md)
+    per_model = _table(md, "## Per model (all tensors)")
+    pairs = _table(md, "## Pairs (all tensors)") if report["overall"]["pairs"] else []
+    allowed = set()
+    for row in per_model + pairs:
+        for cell in row.values():
+            allowed |= set(_NUMBER.findall(cell))
+    allowed |= set(_NUMBER.findall(md.split("\n## Models", 1)[0]))  # the header line (rank fraction)
+    allowed |= set(_NUMBER.findall(" ".join(READING_RULES.values())))
+    for sentence in reading:
+        for number in _NUMBER.findall(sentence):
+            assert number in allowed, (number, sentence)
+    text = "\n".join(reading)
+    for row in per_model:
+        assert f"{row['model']} {row['density']} (" in reading[0], (row, reading[0])
+        assert f"{row['model']} {row['off-principal share']} outside (chance {row['chance']}), " \
+               f"{row['principal energy vs chance']} the chance energy inside" in text
+    for row in pairs:
+        assert (f"{row['pair']}: {row['overlap vs chance']}" in text) is (row["overlap vs chance"] != "n/a"), row
+        assert (f"{row['pair']} {row['cosine']}" in text) is (row["cosine"] != "n/a"), row
+    return reading
+
+
+def _density_word(cell: str) -> str:
+    """The documented thresholds, on the value the table prints."""
+    d = float(cell.rstrip("%"))
+    if d == 0:
+        return "unchanged"
+    return "very sparse" if d < 1 else "sparse" if d < 10 else "moderately sparse" if d < 50 else "dense"
+
+
+def _overlap_phrase(cell: str) -> str:
+    r = float(cell.rstrip("x"))
+    return ("Overlap well below chance" if r < 0.5 else "Overlap well above chance" if r > 2
+            else "Overlap within a factor of 2 of chance")
+
+
+def test_reading_quotes_the_tables_not_other_numbers():
+    """The case of issue 11: 25.6% density was called "dense", and the reading quoted the Jaccard ratio
+    (6.3x) where the table's "overlap vs chance" column shows |A & B| / (N p q) = 3.76x; an update that puts
+    5x the chance energy in the principal block was said to avoid the principal directions."""
+    from sar_dist.analyze.run import render_markdown
+
+    # N = 10,000; |A| = 2,560 (25.600%), |B| = 2,474, |A & B| = 2,384: 3.76x chance, Jaccard ratio 6.25
+    raw = _raw(Q, (100, 100), [2560, 2474], sumsq=[4.0, 9.0], inside=[4.0 * 5e-4, 9.0 * 5e-4],
+               pairs={(0, 1): (2384, 1000, 0.3)})
+    rep = _report([raw], ["a", "b"])
+    pair = rep["overall"]["pairs"][0]
+    assert f"{pair['jaccard_vs_chance']:.1f}" == "6.3" and f"{pair['intersection_vs_chance']:.3g}" == "3.76"
+    md = render_markdown(rep)
+    reading = _check_reading(md, rep)
+    text = "\n".join(reading)
+    (row,) = _table(md, "## Pairs (all tensors)")
+    assert row["overlap vs chance"] == "3.76x" and "a / b: 3.76x" in text and "6.3" not in text and "6.25" not in text
+    assert f"sign conflicts in overlap {row['sign conflicts in overlap'].split()[0]}" in text  # 41.9%
+    assert reading[0] == "Update density (column 'density'): a 25.600% (moderately sparse), b 24.740% (moderately sparse)."
+    assert "dense" not in reading[0].replace("moderately sparse", "")
+    assert any(s.startswith("Overlap well above chance") and "a / b: 3.76x" in s for s in reading)
+    assert any(s.startswith("Task vectors nearly orthogonal") and "a / b 0.05" in s for s in reading)
+    models = {r["model"]: r for r in _table(md, "## Per model (all tensors)")}
+    assert models["a"]["principal energy vs chance"] == "5x" and models["a"]["chance"] == "99.99%"
+    assert "concentrate on the base's principal directions" in text and "avoid" not in text
+    assert "interfere little" not in text  # not sparse (< 10%), and the pair is above chance
+    assert "How the reading is worded" in md and "moderately sparse: 10% to < 50%" in md
+
+
+@pytest.mark.parametrize("case", ["sparse_orthogonal", "dense_opposed", "separate"])
+def test_reading_bands_follow_the_printed_numbers(case):
+    from sar_dist.analyze.run import render_markdown
+
+    if case == "sparse_orthogonal":  # 3% and 0.5%: near chance (1.2x), cosine 0.001: the interference sentence
+        raw = _raw(Q, (1000, 1000), [30_000, 5_000], sumsq=[1.0, 1.0], pairs={(0, 1): (180, 90, 0.001)})
+    elif case == "dense_opposed":  # 60% and 55%: the overlap is at chance (1x), cosine -0.7
+        raw = _raw(Q, (1000, 1000), [600_000, 550_000], sumsq=[1.0, 1.0], pairs={(0, 1): (330_000, 1, -0.7)})
+    else:  # almost disjoint: 0.1x chance; cosine 0.2
+        raw = _raw(Q, (1000, 1000), [200_000, 200_000], sumsq=[1.0, 4.0], pairs={(0, 1): (4_000, 0, 0.4)})
+    rep = _report([raw], ["x", "y"])
+    md = render_markdown(rep)
+    reading = _check_reading(md, rep)
+    (row,) = _table(md, "## Pairs (all tensors)")
+    assert any(s.startswith(_overlap_phrase(row["overlap vs chance"])) for s in reading), reading
+    for m in _table(md, "## Per model (all tensors)"):
+        assert f"{m['model']} {m['density']} ({_density_word(m['density'])})" in reading[0]
+    cos = float(row["cosine"])
+    word = ("nearly orthogonal" if abs(cos) < 0.1 else ("aligned" if cos > 0 else "opposed")
+            if abs(cos) >= 0.5 else "partly " + ("aligned" if cos > 0 else "opposed"))
+    assert f"Task vectors {word} (column 'cosine'): x / y {row['cosine']}." in reading
+    sparse = case == "sparse_orthogonal"
+    assert any("interfere little" in s for s in reading) is sparse
+    assert {"sparse_orthogonal": "0.5x to 2x", "dense_opposed": "0.5x to 2x", "separate": "< 0.5x"}[case] in \
+        next(s for s in reading if s.startswith("Overlap"))
+
+
+def test_density_words_use_the_thresholds_on_the_printed_value():
+    """At each boundary the word follows the number printed: 0.9999% prints 1.000% and reads "sparse"."""
+    from sar_dist.analyze.run import render_markdown
+
+    updated = [0, 99, 9_999, 10_000, 99_999, 100_000, 256_000, 499_994, 499_996, 1_000_000]
+    expected = ["unchanged", "very sparse", "sparse", "sparse", "moderately sparse", "moderately sparse",
+                "moderately sparse", "moderately sparse", "dense", "dense"]
+    labels = [f"m{i}" for i in range(len(updated))]
+    rep = _report([_raw("model.layers.0.mlp.up_proj.weight", (1000, 1000), updated, sumsq=[1.0] * len(updated))],
+                  labels)
+    md = render_markdown(rep)
+    rows = {r["model"]: r for r in _table(md, "## Per model (all tensors)")}
+    reading = _check_reading(md, rep)
+    for label, word in zip(labels, expected, strict=True):
+        cell = rows[label]["density"]
+        assert _density_word(cell) == word, (label, cell)
+        assert f"{label} {cell} ({word})" in reading[0]
+    assert rows["m2"]["density"] == "1.000%" and rows["m8"]["density"] == "50.000%"
+
+
+def test_module_groups_in_the_report():
+    """embed_tokens, lm_head, attention, mlp, norm, the MoE router and the experts are separate groups."""
+    from sar_dist.analyze.run import render_markdown
+
+    names = {"model.embed_tokens.weight": ((40, 10), [0, 0]), "lm_head.weight": ((40, 10), [200, 8]),
+             Q: ((10, 10), [1, 2]), "model.layers.0.mlp.down_proj.weight": ((10, 10), [3, 4]),
+             "model.layers.1.mlp.gate.weight": ((4, 10), [5, 6]),
+             "model.layers.1.mlp.experts.0.up_proj.weight": ((10, 10), [7, 8]),
+             "model.layers.1.mlp.experts.gate_up_proj": ((4, 10, 10), [9, 10]),
+             "model.layers.0.input_layernorm.weight": ((10,), [1, 0]), "model.norm.weight": ((10,), [0, 1])}
+    raws = [_raw(name, shape, upd) for name, (shape, upd) in names.items()]
+    rep = _report(raws, ["a", "b"])
+    assert list(rep["per_module"]) == ["embed_tokens", "lm_head", "attention", "mlp", "router", "experts", "norm"]
+    assert [m["density"] for m in rep["per_module"]["embed_tokens"]["models"]] == [0.0, 0.0]
+    assert [m["density"] for m in rep["per_module"]["lm_head"]["models"]] == [0.5, 0.02]
+    assert rep["per_module"]["experts"]["numel"] == 500 and rep["per_module"]["router"]["numel"] == 40
+    assert {t["kind"] for t in rep["per_tensor"] if t["module"] == "experts"} == {"experts.up_proj",
+                                                                                 "experts.gate_up_proj"}
+    md = render_markdown(rep)
+    rows = _table(md, "## Per module")
+    assert [(r["module"], r["model"], r["density"]) for r in rows[:4]] == [
+        ("embed_tokens", "a", "0.000%"), ("embed_tokens", "b", "0.000%"),
+        ("lm_head", "a", "50.000%"), ("lm_head", "b", "2.000%")]
+    assert "embedding" not in md.split("## Definitions")[0]
+    _check_reading(md, rep)

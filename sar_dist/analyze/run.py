@@ -68,9 +68,19 @@ DEFINITIONS = {
                            "sum of outside energies / sum of energies (2-D tensors only)",
     "svd": f"exact (torch.linalg.svd) when min(m, n) <= {EXACT_SVD_MAX_DIM} under svd=auto, else randomized "
            f"(torch.svd_lowrank, q = r + {SVD_OVERSAMPLE} columns, niter={SVD_NITER}, seed {SVD_SEED})",
+    "off_principal_chance": "the off-principal share expected if the update's entries were placed at random "
+                            "(independent, zero mean) within each 2-D tensor: 1 - r^2 / (m n) per tensor, "
+                            "weighted by the update's energy ||T||_F^2 over several tensors",
+    "principal_vs_chance": "(1 - off_principal_share) / (1 - off_principal_chance): the update energy inside the "
+                           "principal blocks over what randomly placed updates of the same energy would put there",
     "updated_in_overlap": "entries updated by model k and by at least one other model",
     "fisher_overlap_share": "sum of F_k t_k^2 over entries updated by >= 2 models / sum of F_k t_k^2 over all "
                             "entries, with F_k the mean Fisher (statistics sum / num_examples)",
+    "module_groups": "embed_tokens (input embedding), lm_head (output projection, apart even when tied), norm "
+                     "(any name part containing 'norm'), router (MoE router/gate: a name part 'router', 'gate' or "
+                     "'shared_expert_gate', not gate_proj), experts (under 'experts', 'shared_experts' or "
+                     "'shared_expert'), attention (q/k/v/o_proj or under self_attn/attn/attention), mlp "
+                     "(gate/up/down_proj or under mlp/feed_forward), other; tested in that order",
 }
 
 
@@ -268,6 +278,7 @@ class _Sums:
         self.in_overlap = [0] * k
         self.energy_2d = [0.0] * k
         self.outside = [0.0] * k
+        self.inside_chance = [0.0] * k
         self.svd_tensors = 0
         self.sens_total = [0.0] * k
         self.sens_overlap = [0.0] * k
@@ -292,6 +303,8 @@ class _Sums:
             if m["energy_inside"] is not None:
                 self.energy_2d[i] += m["sumsq"]
                 self.outside[i] += max(m["sumsq"] - m["energy_inside"], 0.0)
+                r, (rows, cols) = raw["svd"]["rank"], raw["shape"]
+                self.inside_chance[i] += m["sumsq"] * r * r / (rows * cols)
             if self.fisher:
                 self.sens_total[i] += m["sens_total"]
                 self.sens_overlap[i] += m["sens_overlap"]
@@ -315,6 +328,9 @@ class _Sums:
                 "updated_in_overlap": self.in_overlap[i],
                 "overlap_fraction": _ratio(self.in_overlap[i], self.updated[i]),
                 "off_principal_share": _ratio(self.outside[i], self.energy_2d[i]),
+                "off_principal_chance": (1.0 - self.inside_chance[i] / self.energy_2d[i]) if self.energy_2d[i]
+                else None,
+                "principal_vs_chance": _ratio(max(self.energy_2d[i] - self.outside[i], 0.0), self.inside_chance[i]),
             }
             if self.fisher:
                 entry["fisher_sensitivity"] = self.sens_total[i]
@@ -388,48 +404,179 @@ def _pct(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
+# One formatter per quantity, used by the tables and by the reading alike, so a sentence quotes
+# exactly the cell it reads; the words are chosen from the number as printed (see _shown).
+def _cell_density(x: float | None) -> str:
+    return _pct(x, 3)
+
+
+def _cell_ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}x"
+
+
+def _cell_cosine(x: float | None) -> str:
+    return _fmt(x)
+
+
+def _cell_share(x: float | None) -> str:  # off-principal share and its chance value
+    return _pct(x, 2)
+
+
+def _cell_conflicts(x: float | None) -> str:
+    return _pct(x, 1)
+
+
+def _shown(cell: str) -> float | None:
+    """The value a printed cell shows (``25.600%`` -> 0.256, ``3.76x`` -> 3.76), or None for n/a."""
+    if cell == "n/a":
+        return None
+    if cell.endswith("%"):
+        return float(cell[:-1]) / 100
+    return float(cell.rstrip("x"))
+
+
+DENSITY_WORDS = ((0.01, "very sparse"), (0.10, "sparse"), (0.50, "moderately sparse"), (math.inf, "dense"))
+"""A density (as printed) below the first bound gets its word; 0 reads "unchanged"."""
+OVERLAP_BELOW = 0.5
+OVERLAP_ABOVE = 2.0
+"""Overlap vs chance (as printed): < 0.5x well below chance, > 2x well above, else within a factor of 2."""
+COSINE_ORTHOGONAL = 0.1
+COSINE_ALIGNED = 0.5
+"""|cosine| (as printed) < 0.1: nearly orthogonal; < 0.5: partly aligned/opposed; else aligned/opposed."""
+SPARSE_BELOW = DENSITY_WORDS[1][0]
+"""Densities below this read "very sparse" or "sparse" (the low-interference sentence needs every model there)."""
+
+
+def _density_rule() -> str:
+    bands, low = ["unchanged: 0"], None
+    for bound, word in DENSITY_WORDS:
+        top = "" if math.isinf(bound) else f"< {100 * bound:g}%"
+        bands.append(f"{word}: " + (f">= {100 * low:g}%" if not top else f"{100 * low:g}% to {top}" if low else top))
+        low = bound
+    return "; ".join(bands)
+
+
+READING_RULES = {
+    "numbers": "every number in the reading is a cell of the tables above it (same quantity, same rounding), a "
+               "threshold below or the rank fraction of the header; every word is chosen from the number as printed",
+    "density": f"{_density_rule()} (the 'density' column)",
+    "overlap": f"well below chance: < {OVERLAP_BELOW:g}x; within a factor of {OVERLAP_ABOVE:g} of chance: "
+               f"{OVERLAP_BELOW:g}x to {OVERLAP_ABOVE:g}x; well above chance: > {OVERLAP_ABOVE:g}x "
+               f"(the 'overlap vs chance' column, |A & B| / (N p q))",
+    "cosine": f"nearly orthogonal: |cosine| < {COSINE_ORTHOGONAL:g}; partly aligned / partly opposed: "
+              f"{COSINE_ORTHOGONAL:g} <= |cosine| < {COSINE_ALIGNED:g}; aligned / opposed: |cosine| >= "
+              f"{COSINE_ALIGNED:g} (the 'cosine' column)",
+    "off_principal": f"the update energy inside the base's principal block against randomly placed updates "
+                     f"(the 'principal energy vs chance' column): avoids the principal directions: < "
+                     f"{OVERLAP_BELOW:g}x; about as random updates: {OVERLAP_BELOW:g}x to {OVERLAP_ABOVE:g}x; "
+                     f"concentrates on them: > {OVERLAP_ABOVE:g}x",
+    "interference": f"the low-interference sentence appears only when every model is very sparse or sparse "
+                    f"(< {100 * SPARSE_BELOW:g}%), no pair is above {OVERLAP_ABOVE:g}x chance and every pair is "
+                    f"nearly orthogonal",
+}
+
+
+def density_word(cell: str) -> str | None:
+    """The density word of a printed density cell (:data:`DENSITY_WORDS`)."""
+    d = _shown(cell)
+    if d is None:
+        return None
+    if d == 0:
+        return "unchanged"
+    return next(word for bound, word in DENSITY_WORDS if d < bound)
+
+
+def overlap_word(cell: str) -> str | None:
+    """``below``, ``near`` or ``above`` for a printed overlap-vs-chance cell."""
+    r = _shown(cell)
+    if r is None:
+        return None
+    return "below" if r < OVERLAP_BELOW else "above" if r > OVERLAP_ABOVE else "near"
+
+
+def cosine_word(cell: str) -> str | None:
+    """The cosine word of a printed cosine cell."""
+    c = _shown(cell)
+    if c is None:
+        return None
+    if abs(c) < COSINE_ORTHOGONAL:
+        return "nearly orthogonal"
+    side = "aligned" if c > 0 else "opposed"
+    return side if abs(c) >= COSINE_ALIGNED else f"partly {side}"
+
+
 def interpret(report: dict[str, Any]) -> list[str]:
-    """Plain-language sentences on the overall numbers."""
+    """Plain-language sentences on the overall numbers, quoting the cells of the tables."""
     overall = report["overall"]
     out = []
-    dens = [m["density"] for m in overall["models"] if m["density"] is not None]
+    words = []
+    dens = [(m["label"], _cell_density(m["density"])) for m in overall["models"] if m["density"] is not None]
     if dens:
-        span = _pct(min(dens)) if len(dens) == 1 else f"{_pct(min(dens))} to {_pct(max(dens))}"
-        out.append(f"{'Each model updates' if len(dens) > 1 else 'The model updates'} {span} of the entries "
-                   f"({'sparse updates' if max(dens) < 0.2 else 'dense updates'}).")
-    near, above, below, orth = [], [], [], []
+        words = [density_word(cell) for _, cell in dens]
+        out.append("Update density (column 'density'): " + ", ".join(
+            f"{label} {cell} ({word})" for (label, cell), word in zip(dens, words, strict=True)) + ".")
+    bands: dict[str, list[str]] = {"below": [], "near": [], "above": []}
+    cosines: dict[str, list[str]] = {}
+    orth = 0
     for p in overall["pairs"]:
         name = f"{p['labels'][0]} / {p['labels'][1]}"
-        ratio = p["jaccard_vs_chance"]
-        if ratio is not None:
-            (below if ratio < 0.5 else above if ratio > 2 else near).append((name, ratio))
-        if p["cosine"] is not None and abs(p["cosine"]) < 0.1:
-            orth.append(name)
-    if near:
-        out.append("Overlap near chance (" + ", ".join(f"{n}: {r:.2f}x" for n, r in near) + "): where one model "
-                   "updates says nothing about where the other does, so the updates lie as far apart as "
-                   "independent random masks of these densities.")
-    if below:
-        out.append("Overlap well below chance (" + ", ".join(f"{n}: {r:.2f}x" for n, r in below) + "): the models "
-                   "update largely separate entries.")
-    if above:
-        out.append("Overlap well above chance (" + ", ".join(f"{n}: {r:.1f}x" for n, r in above) + "): the models "
-                   "concentrate on the same entries; look at the sign-conflict rate before adding them.")
+        cell = _cell_ratio(p["intersection_vs_chance"])
+        band = overlap_word(cell)
+        if band is not None:
+            quote = f"{name}: {cell}"
+            if band == "above":
+                quote += f", sign conflicts in overlap {_cell_conflicts(p['sign_conflict_rate'])}"
+            bands[band].append(quote)
+        cos = _cell_cosine(p["cosine"])
+        word = cosine_word(cos)
+        if word is not None:
+            cosines.setdefault(word, []).append(f"{name} {cos}")
+            orth += word == "nearly orthogonal"
+    if bands["below"]:
+        out.append(f"Overlap well below chance (column 'overlap vs chance' < {OVERLAP_BELOW:g}x; "
+                   + "; ".join(bands["below"]) + "): the models update largely separate entries.")
+    if bands["near"]:
+        out.append(f"Overlap within a factor of {OVERLAP_ABOVE:g} of chance (column 'overlap vs chance' {OVERLAP_BELOW:g}x to "
+                   f"{OVERLAP_ABOVE:g}x; " + "; ".join(bands["near"]) + "): the models share about as many "
+                   "entries, within that factor, as independent random masks of these densities would.")
+    if bands["above"]:
+        out.append(f"Overlap well above chance (column 'overlap vs chance' > {OVERLAP_ABOVE:g}x; "
+                   + "; ".join(bands["above"]) + "): the models concentrate on the same entries; the sign-conflict "
+                   "rate says how many of those updates pull in opposite directions.")
+    for word in ("nearly orthogonal", "partly aligned", "aligned", "partly opposed", "opposed"):
+        if word in cosines:
+            out.append(f"Task vectors {word} (column 'cosine'): " + ", ".join(cosines[word]) + ".")
     pairs = len(overall["pairs"])
-    if pairs and orth:
-        out.append(f"{len(orth)} of {pairs} pair(s) have nearly orthogonal task vectors (|cosine| < 0.1).")
-    if pairs and len(orth) == pairs and not above:
-        out.append("Sparse, non-overlapping beyond chance and nearly orthogonal updates interfere little when "
-                   "merged: methods that keep each model's sparse update intact (plain task-vector sums, "
-                   "merges that do not trim) lose little to interference.")
-    offs = [m["off_principal_share"] for m in overall["models"] if m["off_principal_share"] is not None]
+    if (pairs and orth == pairs and not bands["above"] and words
+            and all(w in ("very sparse", "sparse", "unchanged") for w in words)):
+        out.append(f"Every model's update is sparse (density < {100 * SPARSE_BELOW:g}%), no pair overlaps more than {OVERLAP_ABOVE:g}x "
+                   f"chance and every pair is nearly orthogonal: such updates interfere little when merged, so "
+                   f"methods that keep each model's sparse update intact (plain task-vector sums, merges that do "
+                   f"not trim) lose little to interference.")
+    offs = [m for m in overall["models"] if m["off_principal_share"] is not None]
     if offs:
         rf = report["settings"]["rank_fraction"]
-        span = _pct(min(offs), 1) if _pct(min(offs), 1) == _pct(max(offs), 1) else \
-            f"{_pct(min(offs), 1)} to {_pct(max(offs), 1)}"
-        out.append(f"{span} of the update energy of 2-D tensors lies outside "
-                   f"the base's top {_pct(rf, 0)} principal block"
-                   + (" (the updates avoid the base's principal directions)." if min(offs) > 0.9 else "."))
+        block = f"the base's top {100 * rf:g}% principal block (rank fraction {rf:g})"
+        by: dict[str | None, list[str]] = {}
+        for m in offs:
+            ratio = _cell_ratio(m.get("principal_vs_chance"))
+            by.setdefault(overlap_word(ratio), []).append(
+                f"{m['label']} {_cell_share(m['off_principal_share'])} outside (chance "
+                f"{_cell_share(m.get('off_principal_chance'))}), {ratio} the chance energy inside")
+        meaning = {
+            "below": (f"well below chance (< {OVERLAP_BELOW:g}x)", "the updates avoid the base's principal directions"),
+            "near": (f"within a factor of {OVERLAP_ABOVE:g} of chance ({OVERLAP_BELOW:g}x to {OVERLAP_ABOVE:g}x)",
+                     "about as much as updates placed at random"),
+            "above": (f"well above chance (> {OVERLAP_ABOVE:g}x)",
+                      "the updates concentrate on the base's principal directions"),
+            None: ("", "no chance value"),
+        }
+        for key in ("below", "near", "above", None):
+            if key in by:
+                band, gloss = meaning[key]
+                head = f"Update energy inside {block}" + (f" is {band}" if band else "")
+                out.append(f"{head} (columns 'off-principal share', 'chance', 'principal energy vs chance'): "
+                           + "; ".join(by[key]) + f": {gloss}.")
     return out
 
 
@@ -446,15 +593,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         stats = f"`{inp['fisher'][i]}`" if fisher else "-"
         lines.append(f"| {i + 1} ({inp['labels'][i]}) | `{url}` | {stats} |")
     lines += ["", "## Per model (all tensors)", ""]
-    head = "| model | density (updated / all) | sparsity | relative norm ‖t‖/‖base‖ | off-principal share |"
-    sep = "|---|---|---|---|---|"
+    head = ("| model | density | updated | sparsity | relative norm ‖t‖/‖base‖ | off-principal share | chance | "
+            "principal energy vs chance |")
+    sep = "|---|---|---|---|---|---|---|---|"
     if fisher:
         head += " Fisher share in overlap |"
         sep += "---|"
     lines += [head, sep]
     for m in overall["models"]:
-        row = (f"| {m['label']} | {_pct(m['density'], 3)} ({m['updated']:,}) | {_pct(m['sparsity'], 3)} | "
-               f"{_fmt(m['relative_norm'])} | {_pct(m['off_principal_share'], 1)} |")
+        row = (f"| {m['label']} | {_cell_density(m['density'])} | {m['updated']:,} | "
+               f"{_cell_density(m['sparsity'])} | {_fmt(m['relative_norm'])} | "
+               f"{_cell_share(m['off_principal_share'])} | {_cell_share(m.get('off_principal_chance'))} | "
+               f"{_cell_ratio(m.get('principal_vs_chance'))} |")
         if fisher:
             row += f" {_pct(m['fisher_overlap_share'], 2)} |"
         lines.append(row)
@@ -466,15 +616,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {p['labels'][0]} / {p['labels'][1]} | {_fmt(p['jaccard'])} | {_fmt(p['jaccard_chance'])} | "
                 f"{_fmt(p['overlap_over_smaller'])} | {_fmt(p['overlap_over_smaller_chance'])} | "
-                f"{_fmt(p['intersection_vs_chance'], '.3g')}x | {_pct(p['sign_conflict_rate'], 1)} "
-                f"({p['sign_conflicts']:,} of {p['intersection']:,}) | {_fmt(p['cosine'])} |")
+                f"{_cell_ratio(p['intersection_vs_chance'])} | {_cell_conflicts(p['sign_conflict_rate'])} "
+                f"({p['sign_conflicts']:,} of {p['intersection']:,}) | {_cell_cosine(p['cosine'])} |")
     lines += ["", "## Reading", ""] + [f"- {s}" for s in interpret(report)]
-    lines += ["", "## Per module", "", "| module | model | density | relative norm | off-principal share |",
-              "|---|---|---|---|---|"]
+    lines += ["", "How the reading is worded:", ""] + [f"- **{k}**: {v}" for k, v in READING_RULES.items()]
+    lines += ["", "## Per module", "",
+              "| module | model | density | relative norm | off-principal share | chance | "
+              "principal energy vs chance |", "|---|---|---|---|---|---|---|"]
     for group, g in report["per_module"].items():
         for m in g["models"]:
-            lines.append(f"| {group} | {m['label']} | {_pct(m['density'], 3)} | {_fmt(m['relative_norm'])} | "
-                         f"{_pct(m['off_principal_share'], 1)} |")
+            lines.append(f"| {group} | {m['label']} | {_cell_density(m['density'])} | {_fmt(m['relative_norm'])} | "
+                         f"{_cell_share(m['off_principal_share'])} | "
+                         f"{_cell_share(m.get('off_principal_chance'))} | "
+                         f"{_cell_ratio(m.get('principal_vs_chance'))} |")
     lines += ["", "Per-layer and per-tensor numbers are in `report.json`; figures: "
               + ", ".join(f"`{f}`" for f in FIGURES) + ".", "", "## Definitions", ""]
     lines += [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
@@ -530,6 +684,7 @@ def execute_analyze(plan: AnalyzePlan, *, executor: str = "ray", ray_address: st
                      "svd_oversample": SVD_OVERSAMPLE, "svd_seed": SVD_SEED, "svd_counts": svd_counts,
                      "executor": executor, "tasks": len(plan.groups)},
         "definitions": DEFINITIONS,
+        "reading_rules": READING_RULES,
         "num_tensors": total,
         "num_parameters": agg["overall"]["numel"],
         **agg,

@@ -20,7 +20,6 @@ Conventions (also written into the report as ``definitions``):
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,27 +40,60 @@ SVD_OVERSAMPLE = 10
 BLOCK_NUMEL = 2**24
 """Elements of one tensor read at a time (row blocks): ~64 MiB per input in float32."""
 
-_PROJ = re.compile(r"(?:^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|embed_tokens|lm_head)(?:\.|$)")
-MODULE_GROUPS = ("attention", "mlp", "embedding", "norm", "other")
-_GROUP_OF = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "attention",
-             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "embed_tokens": "embedding",
-             "lm_head": "embedding"}
+MODULE_GROUPS = ("embed_tokens", "lm_head", "attention", "mlp", "router", "experts", "norm", "other")
+"""The module groups of the report, in report order (see :func:`module_kind`)."""
+_EMBED = {"embed_tokens", "wte", "embed_in", "word_embeddings"}
+_LM_HEAD = {"lm_head", "embed_out"}
+_ATTENTION_PROJ = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "dense"}
+_ATTENTION = {"self_attn", "attn", "attention", "cross_attn"}
+_MLP_PROJ = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "w1", "w2", "w3", "fc1", "fc2", "c_fc", "c_proj",
+             "dense_h_to_4h", "dense_4h_to_h"}
+_MLP = {"mlp", "feed_forward", "ffn", "block_sparse_moe", "moe"}
+_ROUTER = {"router", "gate", "shared_expert_gate"}
+_EXPERTS = {"experts", "shared_experts", "shared_expert"}
 
 
 def module_kind(name: str) -> tuple[str, str]:
-    """``(group, kind)`` of a tensor name.
+    """``(group, kind)`` of a tensor name, from its dot-separated components.
 
-    group is one of ``attention`` (q/k/v/o_proj), ``mlp`` (gate/up/down_proj or anything under
-    ``mlp``), ``embedding`` (embed_tokens, lm_head), ``norm`` (any name containing ``norm``) or
-    ``other``; kind is the projection name (``q_proj``...) where there is one, else the group.
+    Groups, tested in this order:
+
+    * ``embed_tokens``: the input embedding (``embed_tokens``, ``wte``, ``embed_in``, ``word_embeddings``);
+    * ``lm_head``: the output projection (``lm_head``, ``embed_out``), a group of its own even
+      when it is tied to the embedding, because the two take different gradients;
+    * ``norm``: any component containing ``norm`` (``input_layernorm``, ``q_norm``, ...);
+    * ``router``: an MoE router or gate, a component named exactly ``router``, ``gate`` or
+      ``shared_expert_gate`` (``mlp.gate``, ``block_sparse_moe.gate``); not ``gate_proj``;
+    * ``experts``: anything under ``experts``, ``shared_experts`` or ``shared_expert``, per-expert
+      or fused (``mlp.experts.gate_up_proj``);
+    * ``attention``: a q/k/v/o projection or anything under ``self_attn``/``attn``/``attention``;
+    * ``mlp``: a gate/up/down projection or anything under ``mlp``/``feed_forward``;
+    * ``other``: the rest.
+
+    kind is the projection name where there is one (``q_proj``, ``down_proj``; for experts
+    ``experts.down_proj`` or ``shared_experts.down_proj``, so dense and expert projections stay
+    apart), else the group.
     """
-    m = _PROJ.search(name)
-    if m:
-        return _GROUP_OF[m.group(1)], m.group(1)
-    if "norm" in name:
+    parts = name.split(".")
+    if any(p in _EMBED for p in parts):
+        return "embed_tokens", "embed_tokens"
+    if any(p in _LM_HEAD for p in parts):
+        return "lm_head", "lm_head"
+    if any("norm" in p for p in parts):
         return "norm", "norm"
-    if re.search(r"(?:^|\.)mlp(?:\.|$)", name):
-        return "mlp", "mlp"
+    if any(p in _ROUTER for p in parts):
+        return "router", "router"
+    for i, p in enumerate(parts):
+        if p in _EXPERTS:
+            prefix = "experts" if p == "experts" else "shared_experts"
+            proj = next((q for q in parts[i + 1:] if q in _MLP_PROJ), None)
+            return "experts", f"{prefix}.{proj}" if proj else prefix
+    proj = next((p for p in parts if p in _ATTENTION_PROJ), None)
+    if any(p in _ATTENTION for p in parts) or proj in {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"}:
+        return "attention", proj or "attention"
+    proj = next((p for p in parts if p in _MLP_PROJ), None)
+    if proj or any(p in _MLP for p in parts):
+        return "mlp", proj or "mlp"
     return "other", "other"
 
 

@@ -3,7 +3,7 @@
 Everything here is a pure tensor function: no I/O, no global RNG, no device moves except that keyed
 random numbers are generated on the CPU (so every device sees the same stream) and then moved.
 
-Sparsifier semantics follow mergekit 0.1.5's ``sparsify.py`` (see ``/work/shared/METHODS.md``); the
+Sparsifier semantics follow mergekit 0.1.5's ``sparsify.py`` (see ``docs/methods.md``); the
 implementations are our own: magnitude selection uses a radix select on the float bits instead of a
 full argsort, and ties at the threshold are broken by flattened index (lowest first), so results are
 deterministic.

@@ -3,7 +3,7 @@
 DARE's keyed Bernoulli drop (``ops.keyed_uniform`` at ``ctx.offset``) is elementwise and DELLA's
 MagPrune ranks magnitudes within a row, so a block of whole rows gets exactly its part of the
 whole mask. Only the rescale ``||d_i||_1 / ||d_i * mask_i||_1`` needs the whole tensor: per-row
-float64 L1 sums, gathered in one pass over the row blocks as in ``trim.BandState`` (METHODS.md).
+float64 L1 sums, gathered in one pass over the row blocks as in ``trim.BandState`` (docs/methods.md).
 """
 
 from __future__ import annotations

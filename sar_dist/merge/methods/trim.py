@@ -3,7 +3,7 @@ can be merged in row chunks with exactly the result of the whole-tensor merge.
 
 :class:`BandState` keeps, per model ``i``, a band of magnitude ranks of ``d_i = x_i - base``: the
 ``num_hi`` largest ``|d_i|`` minus the ``num_lo`` largest (ties at a threshold by lowest flattened
-index), optionally L1-rescaled ``masked * (||d_i||_1 / ||masked||_1)`` (METHODS.md). TIES' trim
+index), optionally L1-rescaled ``masked * (||d_i||_1 / ||masked||_1)`` (docs/methods.md). TIES' trim
 (:class:`TrimState`) is the band ``[0, max(1, int(k_i * numel)))``; Model Breadcrumbs
 (:class:`OutlierState`) drops the top ``gamma`` outliers and keeps ``int(k_i * numel)`` below them.
 Passes, each over all row chunks in order:
