@@ -81,6 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ray-address", help="Ray cluster address; default: RAY_ADDRESS, else a local Ray")
     a.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     a.add_argument("--storage-options", default="{}", help="fsspec options as JSON (no secrets)")
+    a.add_argument("--force", action="store_true",
+                   help="write into a non-empty directory beside files sar-dist did not write (never over them)")
     a.add_argument("--json", action="store_true", help="print the report summary as JSON")
 
     i = sub.add_parser("inspect", help="list tensors of a checkpoint from its headers")
@@ -95,10 +97,17 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_event(event: dict[str, Any]) -> None:
+    """One ``--json`` event line, with credentials in any URL removed."""
+    from sar_dist.storage import redact_obj
+
+    print(json.dumps(redact_obj(event)), flush=True)
+
+
 def _emitter(as_json: bool):
     def emit(event: dict[str, Any]) -> None:
         if as_json:
-            print(json.dumps(event), flush=True)
+            _print_event(event)
             return
         kind = event["event"]
         if kind in ("tensor_done",):
@@ -132,17 +141,12 @@ def _human(n: float) -> str:
 
 
 def _load_yaml(path: str) -> Any:
-    import yaml
+    from sar_dist.config import load_yaml
 
     try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except FileNotFoundError:
-        raise BadInput(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise BadInput(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        return load_yaml(path)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -181,7 +185,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _fisher_emitter(as_json: bool):
     def emit(event: dict[str, Any]) -> None:
         if as_json:
-            print(json.dumps(event), flush=True)
+            _print_event(event)
             return
         kind = event["event"]
         if kind == "start":
@@ -222,6 +226,7 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     from sar_dist.fisher.config import FisherJob
     from sar_dist.fisher.plan import build_fisher_plan
     from sar_dist.fisher.run import ClusterTooSmall, prepare_output, run_fisher
+    from sar_dist.output import LeaseHeld
 
     try:
         raw = _load_yaml(args.config) if args.config else {}
@@ -252,7 +257,7 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     try:
         run_fisher(plan, emit=_fisher_emitter(args.json), ray_address=args.ray_address, num_cpus=args.num_cpus,
                    force=args.force)
-    except ClusterTooSmall as e:  # checked once Ray is up, before any worker starts
+    except (ClusterTooSmall, LeaseHeld) as e:  # checked once Ray is up, before anything is written
         return _bad_input(e)
     return EXIT_OK
 
@@ -273,10 +278,11 @@ def _storage(args: argparse.Namespace):
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from sar_dist.checkpoint.index import open_checkpoint, read_header
-    from sar_dist.storage import display_url
+    from sar_dist.storage import check_no_userinfo, display_url
 
     try:
         storage = _storage(args)
+        check_no_userinfo(args.url, "url")
         url = args.url.rstrip("/")
         if url.endswith(".safetensors"):
             infos, _, size, _ = read_header(storage, url)
@@ -312,8 +318,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from sar_dist.execute.commit import verify_output
+    from sar_dist.storage import check_no_userinfo
 
     try:
+        check_no_userinfo(args.url, "url")
         problems = verify_output(_storage(args), args.url)
     except (BadInput, ValueError) as e:
         return _bad_input(e)
@@ -336,7 +344,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         if not isinstance(options, dict):
             raise BadInput("--storage-options: expected a JSON object")
         plan = prepare_analyze(args.base, args.model, args.output, fisher=args.fisher, storage_options=options,
-                               tolerance=args.tolerance, rank_fraction=args.rank_fraction, svd=args.svd)
+                               tolerance=args.tolerance, rank_fraction=args.rank_fraction, svd=args.svd,
+                               force=args.force)
     except (BadInput, ValueError) as e:
         return _bad_input(e)
     except OSError as e:
@@ -350,8 +359,21 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def printable(text: str) -> str:
+    """``text`` as one line: control characters (a newline in a tensor name, say) escaped, URLs redacted."""
+    from sar_dist.storage import redact
+
+    out = []
+    for ch in redact(text):
+        if ch == "\t" or (ch.isprintable() or ch == " "):
+            out.append(" " if ch == "\t" else ch)
+        else:
+            out.append(repr(ch)[1:-1] if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
 def _bad_input(e: object) -> int:
-    message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+    message = printable(str(e)) if str(e) else e.__class__.__name__
     print(f"sar-dist: error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
@@ -369,8 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sar-dist: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, exit 1
+        from sar_dist.finite import NonFiniteError
+
+        if isinstance(e, NonFiniteError):  # NaN/inf met while running: bad input all the same
+            return _bad_input(e)
         logger.debug("failure", exc_info=True)
-        print(f"sar-dist: failed: {e.__class__.__name__}: {e}", file=sys.stderr)
+        print(f"sar-dist: failed: {e.__class__.__name__}: {printable(str(e))}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -17,6 +17,8 @@ from typing import Any
 from sar_dist.checkpoint.format import DTYPE_NAMES
 from sar_dist.merge.base import REQUIRED, MergeMethod
 from sar_dist.merge.registry import get_method
+from sar_dist.plan.params import check_parameters
+from sar_dist.storage import check_no_userinfo, display_url
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 
@@ -32,6 +34,7 @@ _TOP_KEYS = {
     "seed",
     "storage_options",
     "out_shard_size",
+    "allow_nonfinite",
 }
 _MODEL_KEYS = {"model", "parameters", "fisher"}
 _UNSUPPORTED = {
@@ -42,6 +45,45 @@ _UNSUPPORTED = {
 }
 # storage_options keys that carry credentials: they come from the environment instead
 _SECRET_KEY = re.compile(r"(secret|password|token|^key$|credential|private)", re.IGNORECASE)
+
+
+def load_yaml(path: str) -> Any:
+    """Parse a YAML config file (merge or Fisher), refusing duplicate keys at any depth.
+
+    PyYAML keeps the last of two equal keys, so ``merge_method`` written twice would run
+    with whichever came last; a config that says two things is refused instead.
+
+    Raises:
+        ValueError: missing file, invalid YAML or a duplicate key (naming the line).
+    """
+    import yaml
+
+    class _Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        loader.flatten_mapping(node)  # resolves YAML merge keys (<<) first, as SafeLoader does
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ValueError(f"{path}: duplicate key '{key}' (line {line}; first at line {seen[key]})")
+            seen[key] = line
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    _Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_Strict)  # noqa: S506 - a SafeLoader subclass
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
 
 
 def parse_size(text: str | int | float, what: str = "size") -> int:
@@ -96,6 +138,7 @@ class MergeJob:
         seed: seed for every random choice (keyed by tensor and block).
         storage_options: fsspec options (no secrets).
         max_shard_bytes: target output shard size.
+        allow_nonfinite: accept NaN/inf in inputs and merged tensors (default: stop with exit 2).
     """
 
     merge_method: str
@@ -109,6 +152,7 @@ class MergeJob:
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    allow_nonfinite: bool = False
 
     @property
     def method(self) -> MergeMethod:
@@ -165,10 +209,15 @@ class MergeJob:
             raise ValueError(f"{where}: 'parameters' must be a mapping")
         _check_params(method, params, per_model=False, where=f"{where}: parameters")
         for i, m in enumerate(models):
-            _check_params(method, m.parameters, per_model=True, where=f"{where}: models[{i}].parameters")
+            _check_params(method, m.parameters, per_model=True, where=f"{where}: models[{i}] ({display_url(m.model)}) parameters")
 
         inputs = _input_models(method, models, base)
         _check_required(method, params, inputs, where)
+        labels = {id(m): f"models[{i}] ({display_url(m.model)})" for i, m in enumerate(models)}
+        check_parameters(  # every value a parameter can take inside its field's interval, constraints met
+            method, params, [(labels.get(id(m), f"base_model ({display_url(m.model)})"), m.parameters) for m in inputs],
+            where, others=[(labels[id(m)], m.parameters) for m in models if all(m is not x for x in inputs)],
+        )
         if method.needs_base and base is None:
             raise ValueError(f"{where}: merge_method '{method.name}' needs 'base_model'")
         num_inputs = len(inputs)
@@ -188,6 +237,7 @@ class MergeJob:
         tok = d.get("tokenizer_source")
         if tok is not None:
             tok = str(tok)
+            check_no_userinfo(tok, f"{where}: tokenizer_source")
             if tok == "union":
                 raise ValueError(f"{where}: tokenizer_source 'union' is not supported; use 'base' or a model URL")
             if tok == "base" and base is None:
@@ -195,6 +245,7 @@ class MergeJob:
         output = d.get("output")
         if not isinstance(output, str) or not output:
             raise ValueError(f"{where}: missing 'output' (set it in the config or pass --output)")
+        check_no_userinfo(output, f"{where}: output")
         seed = d.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"{where}: seed must be a non-negative integer, got {seed!r}")
@@ -203,6 +254,9 @@ class MergeJob:
             raise ValueError(f"{where}: storage_options must be a mapping")
         _check_no_secrets(so, f"{where}: storage_options")
         shard = parse_size(d.get("out_shard_size", DEFAULT_MAX_SHARD_BYTES), f"{where}: out_shard_size")
+        allow_nonfinite = d.get("allow_nonfinite", False)
+        if not isinstance(allow_nonfinite, bool):
+            raise ValueError(f"{where}: allow_nonfinite must be true or false, got {allow_nonfinite!r}")
         return cls(
             merge_method=method.name,
             models=models,
@@ -215,6 +269,7 @@ class MergeJob:
             seed=seed,
             storage_options=dict(so),
             max_shard_bytes=shard,
+            allow_nonfinite=allow_nonfinite,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +288,7 @@ class MergeJob:
             "seed": self.seed,
             "storage_options": self.storage_options,
             "out_shard_size": self.max_shard_bytes,
+            "allow_nonfinite": self.allow_nonfinite,
         }
         return out
 
@@ -240,7 +296,7 @@ class MergeJob:
 def _input_models(method: MergeMethod, models: tuple[ModelRef, ...], base: str | None) -> list[ModelRef]:
     if method.needs_base:
         return [m for m in models if m.model != base]
-    if base is not None and all(m.model != base for m in models):
+    if base is not None and method.merges_base and all(m.model != base for m in models):
         return [ModelRef(model=base), *models]
     return list(models)
 
@@ -250,6 +306,7 @@ def _opt_url(value: Any, where: str) -> str | None:
         return None
     if not isinstance(value, str) or not value:
         raise ValueError(f"{where}: expected a path or URL string, got {value!r}")
+    check_no_userinfo(value, where)
     if "+" in value and "://" not in value and not value.startswith(("/", ".")):
         raise ValueError(f"{where}: LoRA 'model+adapter' references are not supported: {value}")
     return value
@@ -289,6 +346,8 @@ def _check_no_secrets(options: Mapping[str, Any], where: str) -> None:
             )
         if isinstance(value, Mapping):
             _check_no_secrets(value, f"{where}.{key}")
+        elif isinstance(value, str):
+            check_no_userinfo(value, f"{where}.{key}")  # endpoint_url: http://KEY:SECRET@host
 
 
 def _check_params(method: MergeMethod, params: Mapping[str, Any], *, per_model: bool, where: str) -> None:

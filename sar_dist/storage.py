@@ -12,11 +12,13 @@ shipped inside each task so workers open their own filesystem clients.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import re
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
@@ -47,6 +49,13 @@ def naming(url: str) -> Iterator[None]:
         except Exception:  # noqa: BLE001 - an OSError subclass with another signature
             raise e from None
         raise named from e
+    except Exception as e:
+        # botocore refuses a request before sending it (a bucket name it cannot take, say);
+        # its reason sits on the lines after "Parameter validation failed:"
+        if type(e).__name__ != "ParamValidationError":
+            raise
+        reason = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip()) or str(e)
+        raise ValueError(f"{display_url(url)}: {reason}") from None
 
 
 def is_local(url: str) -> bool:
@@ -86,13 +95,86 @@ def join(url: str, *parts: str) -> str:
     return posixpath.join(url.rstrip("/"), *parts)
 
 
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
 def display_url(url: str) -> str:
-    """The URL as shown in messages (strips any ``user:password@`` part)."""
-    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = url.split("://", 1)
-        host_and_path = rest.split("@", 1)[1]
-        return f"{scheme}://{host_and_path}"
-    return url
+    """The URL as shown in messages: without any ``user:password@`` part."""
+    return redact(url)
+
+
+def redact(text: str) -> str:
+    """``text`` with the userinfo of every URL in it removed (messages, events, manifests)."""
+    return _USERINFO.sub(r"\1", text)
+
+
+def redact_obj(obj: Any) -> Any:
+    """A JSON-like value with every string in it redacted."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, Mapping):
+        return {redact(str(k)): redact_obj(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_obj(v) for v in obj]
+    return obj
+
+
+def check_no_userinfo(url: str, where: str) -> None:
+    """Refuse a URL that carries credentials (``s3://KEY:SECRET@bucket``, ``http://u:p@host``).
+
+    Credentials come from the environment or the storage's own config; a URL is shown in
+    logs and recorded in manifests, so one inside it would leak.
+
+    Raises:
+        ValueError: naming ``where`` and the redacted URL.
+    """
+    if _USERINFO.search(url):
+        raise ValueError(
+            f"{where}: {redact(url)} carries credentials in the URL; credentials come from the environment "
+            f"(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the storage's own config, never a URL"
+        )
+
+
+_PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "az": "abfs", "file": ""}
+
+
+def _location(url: str) -> tuple[str, tuple[str, ...]]:
+    """(protocol, path segments): local paths resolved (symlinks included), remote ones as given."""
+    if is_local(url):
+        return "", tuple(s for s in os.path.realpath(_local_path(url)).split(os.sep) if s)
+    protocol, rest = url.split("://", 1)
+    rest = rest.split("@", 1)[-1] if "@" in rest.split("/", 1)[0] else rest
+    return _PROTOCOL_ALIASES.get(protocol, protocol), tuple(s for s in rest.split("/") if s not in ("", "."))
+
+
+def relation(a: str, b: str) -> str | None:
+    """How location ``a`` stands to ``b``: ``"is"``, ``"contains"``, ``"lies inside"``, or None.
+
+    Local paths compare after ``realpath``; object-store URLs by protocol, bucket and key
+    segments (``s3://b/x`` contains ``s3://b/x/y`` but not ``s3://b/xy``).
+    """
+    (pa, sa), (pb, sb) = _location(a), _location(b)
+    if pa != pb:
+        return None
+    if sa == sb:
+        return "is"
+    if sb[: len(sa)] == sa:
+        return "contains"
+    if sa[: len(sb)] == sb:
+        return "lies inside"
+    return None
+
+
+def protocol(url: str) -> str:
+    """``"file"`` for local paths, else the URL's scheme."""
+    return "file" if is_local(url) else url.split("://", 1)[0]
+
+
+def bucket_of(url: str) -> str | None:
+    """The bucket (container) of an object-store URL; None for other URLs."""
+    if protocol(url) not in OBJECT_STORES:
+        return None
+    return url.split("://", 1)[1].split("/", 1)[0]
 
 
 class Storage:
@@ -129,14 +211,16 @@ class Storage:
         if is_local(url):
             return os.path.isfile(_local_path(url))
         fs, path = self._remote(url)
-        return fs.isfile(path)
+        with naming(url):
+            return fs.isfile(path)
 
     def isdir(self, url: str) -> bool:
         """Whether ``url`` is a directory (or a prefix holding objects)."""
         if is_local(url):
             return os.path.isdir(_local_path(url))
         fs, path = self._remote(url)
-        return fs.isdir(path)
+        with naming(url):
+            return fs.isdir(path)
 
     def size(self, url: str) -> int:
         """Size in bytes of the file at ``url``."""
@@ -146,15 +230,57 @@ class Storage:
         with naming(url):
             return int(fs.size(path))
 
-    def listdir(self, url: str) -> list[str]:
-        """Names (not URLs) of the entries directly under ``url``; [] if it is absent."""
+    def listdir(self, url: str, *, fresh: bool = False) -> list[str]:
+        """Names (not URLs) of the entries directly under ``url``; [] if it is absent.
+
+        ``fresh`` skips fsspec's listing cache (for what other processes write, e.g. leases).
+        """
         if is_local(url):
             path = _local_path(url)
             return sorted(os.listdir(path)) if os.path.isdir(path) else []
         fs, path = self._remote(url)
-        if not fs.isdir(path):
-            return []
-        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+        with naming(url):
+            if fresh:
+                fs.invalidate_cache(path)
+            if not fs.isdir(path):
+                return []
+            return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+    def check_bucket(self, url: str) -> None:
+        """Raise ``ValueError`` if ``url`` lies in an object-store bucket that does not exist.
+
+        sar-dist never creates buckets (their region, policy and lifecycle are the owner's
+        choice), so a missing one is bad input, found at planning.
+        """
+        bucket = bucket_of(url)
+        if bucket is None:
+            return
+        fs, _ = self._remote(url)
+        with naming(url):
+            found = fs.exists(bucket)
+        if not found:
+            raise ValueError(f"{display_url(url)}: bucket '{bucket}' does not exist (sar-dist never creates buckets)")
+
+    def create_exclusive(self, url: str, data: bytes) -> bool:
+        """Write a small file only if nothing is at ``url`` yet, atomically; False if something is.
+
+        Local: a complete temporary file hard-linked to the name (``link`` fails if the name
+        exists). Object stores: a PUT with ``If-None-Match: *``.
+        """
+        if is_local(url):
+            try:
+                with _staged(_local_path(url), os.link) as f:  # link: fails if the name exists
+                    f.write(data)
+            except FileExistsError:
+                return False
+            return True
+        fs, path = self._remote(url)
+        try:
+            with naming(url):
+                fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
 
     def read_range(self, url: str, start: int, end: int) -> bytearray:
         """Bytes ``[start, end)`` of a file, with one request (remote) or pread (local).
@@ -284,26 +410,14 @@ class Storage:
         on close and discarded (multipart aborted) on error.
         """
         if is_local(url):
-            path = _local_path(url)
-            directory = os.path.dirname(path) or "."
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    yield f
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            with _staged(_local_path(url), os.replace) as f:
+                yield f
             return
         fs, path = self._remote(url)
         parent = posixpath.dirname(path)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
         if url.split("://", 1)[0] in OBJECT_STORES:
+            # no makedirs: object stores have no directories, and s3fs's makedirs creates a
+            # missing bucket, which is the owner's to create
             # parts upload as we go; the object appears on commit() (multipart
             # complete) and discard() aborts the upload
             with naming(url):
@@ -320,6 +434,8 @@ class Storage:
             return
         # filesystems without transactional files (memory://, ...): write a hidden
         # temporary name, then move it into place
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
         tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{unique_suffix()}.partial")
         try:
             with fs.open(tmp, "wb") as g:
@@ -339,8 +455,15 @@ class Storage:
                 pass
             return
         fs, path = self._remote(url)
-        if fs.exists(path):
-            fs.rm_file(path)
+        with naming(url):
+            if fs.exists(path):
+                fs.rm_file(path)
+
+    def remove_empty_dir(self, url: str) -> None:
+        """Remove a local directory if it is empty (object stores have none to remove)."""
+        if is_local(url):
+            with contextlib.suppress(OSError):
+                os.rmdir(_local_path(url))
 
     def remove_tree(self, url: str) -> None:
         """Delete a directory and everything under it, if present."""
@@ -372,12 +495,34 @@ class Storage:
         return removed
 
     def makedirs(self, url: str) -> None:
-        """Create a directory (a no-op on object stores, which have none)."""
+        """Create a directory (a no-op on object stores, which have none and whose
+        ``makedirs`` would create a missing bucket)."""
         if is_local(url):
             os.makedirs(_local_path(url), exist_ok=True)
             return
+        if protocol(url) in OBJECT_STORES:
+            return
         fs, path = self._remote(url)
         fs.makedirs(path, exist_ok=True)
+
+
+@contextmanager
+def _staged(path: str, publish: Callable[[str, str], None]) -> Iterator[BinaryIO]:
+    """A local file written under a temporary name beside ``path``, fsynced, then put in place
+    with ``publish(tmp, path)`` (``os.replace``, or ``os.link`` to refuse an existing name); the
+    temporary file never outlives the block."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def check_read_concurrency(concurrency: int) -> None:

@@ -30,9 +30,10 @@ from sar_dist.analyze.stats import (
     module_kind,
     run_group,
 )
-from sar_dist.checkpoint.index import CheckpointIndex, layout_problems, open_checkpoint
+from sar_dist.checkpoint.index import CheckpointIndex, layout_problems, open_checkpoint, read_json
+from sar_dist.output import STATE_DIR, check_disjoint, check_ownership, remove_state, write_claims
 from sar_dist.plan.params import layer_index
-from sar_dist.storage import Storage, display_url, join
+from sar_dist.storage import Storage, check_no_userinfo, display_url, join
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ FORMAT_VERSION = 1
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 FIGURES = ("sparsity_by_layer.png", "overlap_matrix.png", "cosine_matrix.png", "off_principal_by_layer.png")
+REPORT_FILES = (REPORT_MD, *FIGURES, REPORT_JSON)
+REPORT_KIND = "sar-dist analyze report"
 EXECUTORS = ("ray", "local")
 SVD_MODES = ("auto", "exact", "randomized")
 GROUP_BYTES = 64 * 2**20
@@ -135,13 +138,15 @@ def prepare_analyze(
     tolerance: float = 0.0,
     rank_fraction: float = 0.01,
     svd: str = "auto",
+    force: bool = False,
 ) -> AnalyzePlan:
     """Check every input from headers (Fisher statistics: also their manifests) and plan the tasks.
 
     Raises:
         ValueError: bad settings, a missing or unreadable input, a tensor name or shape that
-            differs between the base and a model, a Fisher count that is not one per model, or
-            Fisher statistics computed for another model.
+            differs between the base and a model, a Fisher count that is not one per model,
+            Fisher statistics computed for another model, or an output that is, holds or lies
+            inside an input, or holds files sar-dist did not write (without ``force``).
     """
     from sar_dist.config import _check_no_secrets
     from sar_dist.fisher.stats import open_fisher
@@ -164,6 +169,9 @@ def prepare_analyze(
         raise ValueError(f"--svd must be one of {', '.join(SVD_MODES)}, got {svd!r}")
     if not output:
         raise ValueError("--output is required")
+    for what, url in [("--base", base), ("--output", output), *(("--model", m) for m in models),
+                      *(("--fisher", f) for f in fisher or ())]:
+        check_no_userinfo(url, what)
     storage = Storage(options)
     if storage.exists(output):
         raise ValueError(f"--output {display_url(output)} is a file; give a directory")
@@ -175,6 +183,14 @@ def prepare_analyze(
         _check_same_tensors(base_index, index, f"model {i + 1}")
         indexes.append(index)
     stats = [open_fisher(storage, url, index) for url, index in zip(fisher, indexes, strict=True)] if fisher else None
+    inputs = [("the base", base), *((f"model {i + 1}", u) for i, u in enumerate(models)),
+              *((f"Fisher statistics {i + 1}", u) for i, u in enumerate(fisher or ()))]
+    files = {r.file for ix in [base_index, *indexes, *(s.index for s in stats or ())] for r in ix.tensors.values()}
+    check_disjoint(output, [*inputs, *(("input file", f) for f in sorted(files))])
+    storage.check_bucket(output)
+    earlier = read_json(storage, join(output, REPORT_JSON), strict=False)
+    ours = set(REPORT_FILES) if earlier is not None and earlier.get("kind") == REPORT_KIND else set()
+    check_ownership(storage, output, REPORT_FILES, ours, force=force)
 
     jobs = []
     for name, ref in base_index.tensors.items():
@@ -672,7 +688,7 @@ def execute_analyze(plan: AnalyzePlan, *, executor: str = "ray", ray_address: st
             svd_counts[r["svd"]["method"]] = svd_counts.get(r["svd"]["method"], 0) + 1
     report: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "kind": "sar-dist analyze report",
+        "kind": REPORT_KIND,
         "output": display_url(plan.output),
         "files": [REPORT_JSON, REPORT_MD, *FIGURES],
         "inputs": {"base": display_url(plan.base), "models": [display_url(u) for u in plan.models],
@@ -696,12 +712,15 @@ def execute_analyze(plan: AnalyzePlan, *, executor: str = "ray", ray_address: st
     storage = Storage(plan.storage_options)
     storage.makedirs(plan.output)
     storage.remove(join(plan.output, REPORT_JSON))  # an earlier report: not complete while we rewrite
+    write_claims(storage, plan.output, REPORT_FILES)  # a rerun after a crash here knows these are ours
     storage.write_bytes(join(plan.output, REPORT_MD), render_markdown(report).encode())
     for name in FIGURES:
         storage.write_bytes(join(plan.output, name), figures[name])
     report["elapsed_s"] = round(time.time() - started, 3)
     text = json.dumps(report, indent=1, allow_nan=False).encode()
     storage.write_bytes(join(plan.output, REPORT_JSON), text)  # last: its presence means complete
+    remove_state(storage, plan.output, [])
+    storage.remove_empty_dir(join(plan.output, STATE_DIR))
     logger.info("done: %s (%d tensors, %.1fs)", display_url(plan.output), total, report["elapsed_s"])
     return report
 
@@ -716,6 +735,7 @@ def run_analyze(
     tolerance: float = 0.0,
     rank_fraction: float = 0.01,
     svd: str = "auto",
+    force: bool = False,
     executor: str = "ray",
     ray_address: str | None = None,
     num_cpus: int | None = None,
@@ -744,5 +764,5 @@ def run_analyze(
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r} (known: {', '.join(EXECUTORS)})")
     plan = prepare_analyze(base, models, output, fisher=fisher, storage_options=storage_options,
-                           tolerance=tolerance, rank_fraction=rank_fraction, svd=svd)
+                           tolerance=tolerance, rank_fraction=rank_fraction, svd=svd, force=force)
     return execute_analyze(plan, executor=executor, ray_address=ray_address, num_cpus=num_cpus)

@@ -208,18 +208,26 @@ def open_checkpoint(storage: Storage, url: str, *, stem: str = "model", what: st
     return CheckpointIndex(url=url, tensors=tensors, files=files, metadata=metadata)
 
 
-def read_json(storage: Storage, url: str) -> dict[str, Any] | None:
+def read_json(storage: Storage, url: str, *, strict: bool = True) -> dict[str, Any] | None:
     """A small JSON file (``config.json``...), or None if absent.
 
+    Args:
+        strict: raise on a file that is not a JSON object; otherwise return None for it
+            (state files of another tool or a torn write are not ours to trust).
+
     Raises:
-        ValueError: if present but not a JSON object.
+        ValueError: if present but not a JSON object (``strict``).
     """
     if not storage.exists(url):
         return None
     try:
         obj = json.loads(storage.read_bytes(url))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if not strict:
+            return None
         raise ValueError(f"{display_url(url)}: invalid JSON ({e})") from None
     if not isinstance(obj, dict):
+        if not strict:
+            return None
         raise ValueError(f"{display_url(url)}: expected a JSON object")
     return obj

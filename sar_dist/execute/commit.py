@@ -12,17 +12,21 @@ import hashlib
 import json
 import logging
 import platform
+import posixpath
 import time
 from collections.abc import Iterable
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from sar_dist.plan.planner import MANIFEST_NAME, STATE_DIR
+from sar_dist.output import Lease, remove_state
+from sar_dist.plan.planner import COPIED_FILES, MANIFEST_NAME, STATE_DIR, TOKENIZER_FILES
 from sar_dist.plan.types import Plan, ShardResult
-from sar_dist.storage import Storage, display_url, join
+from sar_dist.storage import Storage, display_url, join, redact_obj
 
 logger = logging.getLogger(__name__)
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: the manifest lists every file the merge wrote ("files"); 1 listed only its shards."""
+INDEX_NAME = "model.safetensors.index.json"
 _VERSIONED = ("sar-dist", "torch", "safetensors", "fsspec", "s3fs", "ray", "transformers", "deepspeed")
 
 
@@ -40,8 +44,32 @@ def read_manifest(storage: Storage, output: str) -> dict[str, Any] | None:
     return obj
 
 
-def check_output(storage: Storage, plan: Plan, *, force: bool) -> bool:
-    """Decide what to do with an existing output, before anything is written.
+def planned_files(plan: Plan) -> list[str]:
+    """Every name the merge writes at the top of its output, the manifest last."""
+    names = [t.file_name for t in plan.tasks]
+    if len(plan.tasks) > 1:
+        names.append(INDEX_NAME)
+    if plan.config_json is not None:
+        names.append("config.json")
+    names += [name for _, name in plan.copy_files]
+    return [*names, MANIFEST_NAME]
+
+
+def manifest_files(manifest: dict[str, Any] | None) -> set[str]:
+    """The names a complete merge wrote (its manifest's own record)."""
+    if manifest is None:
+        return set()
+    files = manifest.get("files")
+    if isinstance(files, list):
+        return {f for f in files if isinstance(f, str)}
+    # version 1 listed only shards: the other names are the ones every merge writes
+    shards = {s.get("file") for s in manifest.get("shards", []) if isinstance(s, dict)}
+    return {f for f in shards if isinstance(f, str)} | {INDEX_NAME, "config.json", MANIFEST_NAME,
+                                                         *COPIED_FILES, *TOKENIZER_FILES}
+
+
+def check_output(plan: Plan, manifest: dict[str, Any] | None, *, force: bool) -> bool:
+    """Decide what to do with an earlier complete merge at the output, before anything is written.
 
     Returns:
         True if the output already holds this exact merge (nothing to do).
@@ -49,7 +77,6 @@ def check_output(storage: Storage, plan: Plan, *, force: bool) -> bool:
     Raises:
         ValueError: it holds a different complete merge and ``force`` is off.
     """
-    manifest = read_manifest(storage, plan.output)
     if manifest is None:
         return False
     if manifest.get("plan_id") == plan.plan_id:
@@ -63,17 +90,20 @@ def check_output(storage: Storage, plan: Plan, *, force: bool) -> bool:
 
 
 def clear_previous(storage: Storage, plan: Plan) -> None:
-    """With --force: retire a different merge at the output (manifest first)."""
+    """With --force: retire a different merge at the output, manifest first.
+
+    Only files the old manifest lists are removed (those the new merge does not rewrite).
+    """
     manifest = read_manifest(storage, plan.output)
     if manifest is None or manifest.get("plan_id") == plan.plan_id:
         return
     storage.remove(join(plan.output, MANIFEST_NAME))  # no longer looks complete
-    keep = {t.file_name for t in plan.tasks}
-    for shard in manifest.get("shards", []):
-        name = shard.get("file")
-        if isinstance(name, str) and name not in keep:
+    keep = set(planned_files(plan))
+    listed = manifest.get("files")
+    for name in sorted(manifest_files(manifest) - keep):
+        # a version-1 manifest names only its shards; other names are left unless ours now
+        if isinstance(listed, list) or name.endswith(".safetensors") or name == INDEX_NAME:
             storage.remove(join(plan.output, name))
-    storage.remove(join(plan.output, "model.safetensors.index.json"))
 
 
 def finished_shards(storage: Storage, plan: Plan) -> dict[int, ShardResult]:
@@ -106,7 +136,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def commit(storage: Storage, plan: Plan, results: Iterable[ShardResult], *, started: float) -> dict[str, Any]:
+def commit(storage: Storage, plan: Plan, results: Iterable[ShardResult], *, started: float,
+           lease: Lease | None = None) -> dict[str, Any]:
     """Write the index, config and tokenizer files, then the manifest (last).
 
     Args:
@@ -114,6 +145,7 @@ def commit(storage: Storage, plan: Plan, results: Iterable[ShardResult], *, star
         plan: the plan that ran.
         results: one per shard task.
         started: wall-clock start (time.time()) for the manifest.
+        lease: the run's lease on the output, checked just before the manifest is written.
 
     Returns:
         The manifest.
@@ -127,7 +159,7 @@ def commit(storage: Storage, plan: Plan, results: Iterable[ShardResult], *, star
             "metadata": {"total_size": sum(j.out_bytes for t in plan.tasks for j in t.tensors)},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        storage.write_bytes(join(out, "model.safetensors.index.json"), json.dumps(index, indent=2).encode())
+        storage.write_bytes(join(out, INDEX_NAME), json.dumps(index, indent=2).encode())
     if plan.config_json is not None:
         storage.write_bytes(join(out, "config.json"), json.dumps(plan.config_json, indent=2).encode())
     for src, name in plan.copy_files:
@@ -136,8 +168,9 @@ def commit(storage: Storage, plan: Plan, results: Iterable[ShardResult], *, star
         "format": "sar-dist-merge",
         "version": MANIFEST_VERSION,
         "plan_id": plan.plan_id,
-        "config": plan.job,
-        "inputs": plan.inputs,
+        "config": redact_obj(plan.job),
+        "inputs": redact_obj(plan.inputs),
+        "files": planned_files(plan),
         "versions": package_versions(),
         "started": started,
         "finished": time.time(),
@@ -153,8 +186,11 @@ def commit(storage: Storage, plan: Plan, results: Iterable[ShardResult], *, star
     }
     # writers killed mid-shard (driver or node lost) left temporary files that no one else removes
     storage.remove_partials(out, [t.file_name for t in plan.tasks])
+    if lease is not None:
+        lease.check()  # a run that lost its lease must not declare the output complete
     storage.write_bytes(join(out, MANIFEST_NAME), json.dumps(manifest, indent=2).encode())
-    storage.remove_tree(join(out, STATE_DIR))  # receipts are now in the manifest
+    # receipts are now in the manifest; only this run's own state files go, by name
+    remove_state(storage, out, [posixpath.basename(t.receipt_url) for t in plan.tasks])
     return manifest
 
 

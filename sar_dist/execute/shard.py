@@ -6,6 +6,13 @@ background thread while the current one merges (bounded prefetch of one unit; a 
 ranges are fetched with several requests in flight, ``Storage.read_many``), and the
 result streams into the shard file. The shard is visible only when complete; then a
 receipt records its size and sha256 so a rerun can skip it.
+
+Non-finite values stop the task (``sar_dist.finite``, unless the job allows them): every
+floating-point block is checked as it is read, on the prefetch thread (beside the merge of the
+previous unit), and every merged block before it is written. The blocks of a tensor whose
+whole-tensor state is gathered in passes are checked once, in the first pass, instead; the inputs
+of ``OUTPUT_COVERS_INPUTS`` methods only through their merged block. A failed check raises before
+the shard or its receipt exists.
 """
 
 from __future__ import annotations
@@ -22,12 +29,22 @@ import torch
 from sar_dist.checkpoint.format import DTYPES
 from sar_dist.checkpoint.reader import read_tensors
 from sar_dist.checkpoint.writer import ShardWriter
+from sar_dist.finite import NonFiniteError, check_finite
 from sar_dist.merge.base import MergeMethod, TensorContext
 from sar_dist.merge.registry import get_method
 from sar_dist.plan.types import ShardResult, ShardTask, TensorJob
-from sar_dist.storage import READ_CONCURRENCY, Storage
+from sar_dist.storage import READ_CONCURRENCY, Storage, display_url
 
 Unit = tuple[TensorJob, tuple[int, int] | None]
+
+# Methods whose merged entry is non-finite wherever an input entry is (sums and products of every
+# input entry: no masks, selections or sparsification; 0 * NaN and 0 * inf are NaN too). For them the
+# check of the merged block covers its inputs, which are read again to name the culprit only when it
+# fails. Measured on 2 vCPU (bench/finite_bench.py, 12 layers, 2 GB read): task_arithmetic spent
+# 0.12 s in checks with its inputs checked too (0.10 s of it on the prefetch thread, which competes
+# for the 2 cores), 0.02 s (0.8% of the merge) this way. tests/test_nonfinite.py holds both methods
+# to it with NaN, +inf and -inf inputs, at weight 0 and in the base.
+OUTPUT_COVERS_INPUTS = frozenset({"linear", "task_arithmetic"})
 
 
 def _row_ranges(job: TensorJob) -> list[tuple[int, int] | None]:
@@ -45,21 +62,59 @@ def _units(task: ShardTask) -> Iterator[Unit]:
             yield job, rows
 
 
+def _dir_url(file_url: str) -> str:
+    return display_url(file_url.rsplit("/", 1)[0] if "/" in file_url else file_url)
+
+
+def check_inputs(job: TensorJob, rows: tuple[int, int] | None, raw: list[torch.Tensor]) -> None:
+    """Raise ``NonFiniteError`` naming the checkpoint and tensor if a source block holds NaN/inf.
+
+    ``raw`` are the blocks as read (stored dtype), in ``job.sources`` order: base, inputs, Fisher.
+    """
+    if job.params is None:  # a copied non-float tensor
+        return
+    roles = (["base model"] if job.base is not None else []) + ["model"] * len(job.inputs) \
+        + ["fisher statistics"] * len(job.fisher)
+    total = job.shape[0] if job.shape else None
+    for ref, t, role in zip(job.sources, raw, roles, strict=True):
+        check_finite(t, f"{role} {_dir_url(ref.file)}", job.name, rows=rows, total_rows=total)
+
+
+def check_output(job: TensorJob, rows: tuple[int, int] | None, out: torch.Tensor, output_url: str) -> None:
+    """Raise ``NonFiniteError`` if a merged block (output dtype) holds NaN/inf: its inputs were
+    checked, so the merge overflowed in the compute dtype or on the cast to the output dtype."""
+    if job.params is None:
+        return
+    check_finite(out, f"merged output {_dir_url(output_url)}", job.name, rows=rows,
+                 total_rows=job.shape[0] if job.shape else None,
+                 note=f"the inputs are finite: the merge overflowed (computed in {job.compute_dtype}, "
+                      f"written as {job.out_dtype})")
+
+
 def gather_state(
-    method: MergeMethod, job: TensorJob, storage: Storage, device: str, seed: int, concurrency: int = READ_CONCURRENCY
-) -> Any:
+    method: MergeMethod, job: TensorJob, storage: Storage, device: str, seed: int, concurrency: int = READ_CONCURRENCY,
+    check: bool = False,
+) -> tuple[Any, bool]:
     """Whole-tensor statistics of a chunked tensor, in passes over its row blocks.
 
     Each pass reads the blocks again (one block in memory at a time), so a tensor of any
-    size is handled within the memory budget, exactly as if it were merged whole.
+    size is handled within the memory budget, exactly as if it were merged whole. With
+    ``check``, every block is checked for non-finite values in the first pass.
+
+    Returns:
+        The state, and whether every block was checked (False when no pass was needed).
     """
+    checked = False
     compute = DTYPES[job.compute_dtype][0]
     state = method.state(job.params, math.prod(job.shape), compute, device)
     row_elems = math.prod(job.shape[1:])
     while state.needs_pass():
         for rows in _row_ranges(job):
-            tensors = [t.to(device=device, dtype=compute) for t in read_tensors(storage, job.sources, rows,
-                                                                                 concurrency=concurrency)]
+            raw = read_tensors(storage, job.sources, rows, concurrency=concurrency)
+            if check:
+                check_inputs(job, rows, raw)
+            tensors = [t.to(device=device, dtype=compute) for t in raw]
+            del raw
             base = tensors.pop(0) if job.base is not None else None
             ctx = TensorContext(name=job.name, seed=seed, offset=(rows[0] if rows else 0) * row_elems)
             n = len(job.inputs)
@@ -69,7 +124,8 @@ def gather_state(
                 state.observe(tensors[:n], base, ctx)
             del tensors, base
         state.end_pass()
-    return state
+        checked, check = checked or check, False  # the blocks do not change between passes
+    return state, checked
 
 
 def _scaled_fisher(stats: list[torch.Tensor], job: TensorJob) -> list[torch.Tensor]:
@@ -77,9 +133,22 @@ def _scaled_fisher(stats: list[torch.Tensor], job: TensorJob) -> list[torch.Tens
     return [f.mul_(scale) for f, scale in zip(stats, job.fisher_scale, strict=True)]
 
 
-def _read_unit(storage: Storage, unit: Unit, concurrency: int) -> list[torch.Tensor]:
+def _one_thread() -> None:
+    """The prefetch thread's torch ops (the input checks) run on this thread alone: an intra-op
+    team of its own beside the merge's oversubscribes the cores (measured once on 2 vCPU, best of
+    3: checks of every input cost a task_arithmetic merge +19% wall that way, +5% single-threaded)."""
+    torch.get_num_threads()  # torch's per-thread lazy init first, else the first op would undo the next line
+    torch.set_num_threads(1)
+
+
+def _read_unit(storage: Storage, unit: Unit, concurrency: int, check: bool = False) -> list[torch.Tensor]:
+    """Read a unit's sources (on the prefetch thread); with ``check``, check them there too,
+    beside the merge of the previous unit."""
     job, rows = unit
-    return read_tensors(storage, job.sources, rows, concurrency=concurrency)
+    raw = read_tensors(storage, job.sources, rows, concurrency=concurrency)
+    if check:
+        check_inputs(job, rows, raw)
+    return raw
 
 
 def merge_unit(
@@ -147,18 +216,42 @@ def _run_shard_task(task: ShardTask, on_tensor: Callable[[TensorJob], None] | No
     method = get_method(task.method)
     entries = [(j.name, j.out_dtype, j.shape) for j in task.tensors]
     units = list(_units(task))
-    with ShardWriter(storage, task.url, entries) as writer, ThreadPoolExecutor(max_workers=1) as pool:
-        pending: Future | None = pool.submit(_read_unit, storage, units[0], task.read_concurrency) if units else None
+    check = not task.allow_nonfinite
+    check_in = check and method.name not in OUTPUT_COVERS_INPUTS
+    threads = torch.get_num_threads()
+    with ShardWriter(storage, task.url, entries) as writer, \
+            ThreadPoolExecutor(max_workers=1, initializer=_one_thread) as pool:
+        pool.submit(int).result()  # the thread exists and runs single-threaded; then
+        torch.set_num_threads(threads)  # restore the default it changed for threads made later (ours: unchanged)
+
+        def stateful(unit: Unit) -> bool:  # a row block of a tensor whose state is gathered in passes
+            return unit[1] is not None and method.state is not None and unit[0].params is not None
+
+        # blocks of stateful tensors are checked by the state's first pass, not again on prefetch
+        pending: Future | None = (pool.submit(_read_unit, storage, units[0], task.read_concurrency,
+                                              check_in and not stateful(units[0])) if units else None)
         state = None
+        state_checked = False
         for i, unit in enumerate(units):
             assert pending is not None
-            raw = pending.result()
+            raw = pending.result()  # raises the prefetch thread's NonFiniteError here
             job, rows = unit
-            if rows is not None and rows[0] == 0 and method.state is not None and job.params is not None:
-                state = gather_state(method, job, storage, task.device, task.seed, task.read_concurrency)  # before its first block
-            pending = pool.submit(_read_unit, storage, units[i + 1], task.read_concurrency) if i + 1 < len(units) else None
+            if stateful(unit) and rows is not None and rows[0] == 0:
+                state, state_checked = gather_state(method, job, storage, task.device, task.seed,
+                                                    task.read_concurrency, check=check_in)  # before its first block
+            if check_in and stateful(unit) and not state_checked:  # a state that needed no pass
+                check_inputs(job, rows, raw)
+            pending = (pool.submit(_read_unit, storage, units[i + 1], task.read_concurrency,
+                                   check_in and not stateful(units[i + 1])) if i + 1 < len(units) else None)
             out = merge_unit(method, unit, raw, task.seed, task.device, state if rows is not None else None)
             del raw
+            if check:
+                try:
+                    check_output(job, rows, out, task.url)
+                except NonFiniteError:
+                    if not check_in:  # name the input that made it non-finite, if one did
+                        check_inputs(job, rows, _read_unit(storage, unit, task.read_concurrency))
+                    raise
             writer.write(job.name, out)
             del out
             if rows is None or rows[1] == job.shape[0]:  # the tensor is finished

@@ -62,6 +62,8 @@ class FisherJob:
         max_retries: times a group is restarted after it fails (a lost worker, a crash).
         timeout_s: collective timeout inside a group.
         storage_options: fsspec options (never credentials).
+        allow_nonfinite: accept NaN/inf weights, losses and statistics (default: stop with exit 2
+            naming the tensor or example). Changes no statistic, so not part of the job's identity.
     """
 
     model: str
@@ -84,6 +86,7 @@ class FisherJob:
     max_retries: int = 2
     timeout_s: float = 1800.0
     storage_options: dict[str, Any] = field(default_factory=dict)
+    allow_nonfinite: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, where: str = "config", **overrides: Any) -> FisherJob:
@@ -125,6 +128,10 @@ class FisherJob:
             if not isinstance(raw["keep_parts"], bool):
                 raise ValueError(f"{where}.keep_parts: expected true or false")
             out["keep_parts"] = raw["keep_parts"]
+        if "allow_nonfinite" in raw:
+            if not isinstance(raw["allow_nonfinite"], bool):
+                raise ValueError(f"{where}.allow_nonfinite: expected true or false")
+            out["allow_nonfinite"] = raw["allow_nonfinite"]
         if "timeout_s" in raw:
             t = raw["timeout_s"]
             if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:

@@ -16,6 +16,7 @@ returns the squared L2 norm of the mean statistics it wrote; ``fisher.json`` is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -32,9 +33,13 @@ from sar_dist.checkpoint.reader import read_tensor
 from sar_dist.checkpoint.writer import ShardWriter
 from sar_dist.execute.commit import package_versions
 from sar_dist.execute.ray_executor import ensure_ray
+from sar_dist.finite import NonFiniteError, check_finite
 from sar_dist.fisher.plan import FORMAT_VERSION, MANIFEST, PARTS_DIR, STATS_STEM, FisherPlan, part_is_complete
 from sar_dist.fisher.types import PartSpec
+from sar_dist.output import Lease, check_disjoint, check_ownership, remove_state, write_claims
 from sar_dist.storage import Storage, display_url, join
+
+INDEX_NAME = f"{STATS_STEM}.safetensors.index.json"
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +88,50 @@ class _Group:
     results: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
+def output_files(plan: FisherPlan) -> list[str]:
+    """Every name the job writes at the top of its output (``fisher.json`` last)."""
+    return [PARTS_DIR, *plan.shards, INDEX_NAME, MANIFEST]
+
+
+def _inputs(plan: FisherPlan) -> list[tuple[str, str]]:
+    job = plan.job
+    roles = [("the model", job.model), ("the data", job.data), ("the tokenizer", job.tokenizer)]
+    files = sorted({r.file for r in plan.checkpoint.tensors.values()})
+    return [(role, url) for role, url in roles if url] + [("input file", f) for f in files]
+
+
+def _earlier_files(plan: FisherPlan, manifest: dict[str, Any] | None) -> set[str]:
+    """Names at the output that an earlier sar-dist Fisher run wrote."""
+    if manifest is not None and manifest.get("kind") == "sar-dist fisher statistics":
+        shards = manifest.get("shards")
+        return {PARTS_DIR, INDEX_NAME, MANIFEST, *(shards if isinstance(shards, dict) else ())}
+    # no manifest (removed, or never committed), but finished parts of this very job: ours
+    if any(part_is_complete(plan.storage, p) is not None for p in plan.parts):
+        return set(output_files(plan))
+    return set()
+
+
 def prepare_output(plan: FisherPlan, *, force: bool = False) -> dict[str, Any] | None:
-    """Check the output before any work: the finished manifest if this job is already done.
+    """Check the output before any work; nothing is written.
+
+    Returns:
+        The finished manifest if this job is already done, else None.
 
     Raises:
-        ValueError: the output holds statistics of another job and ``force`` is off.
+        ValueError: the output is, holds or lies inside the model, data or tokenizer; its
+            bucket is missing; it holds statistics of another job, or files sar-dist did not
+            write, and ``force`` is off; a name the job writes is taken by such a file.
     """
     storage, out = plan.storage, plan.job.output
-    manifest = read_json(storage, join(out, MANIFEST))
-    if manifest is None:
-        return None
-    if manifest.get("job_id") == plan.job_id:
+    check_disjoint(out, _inputs(plan))
+    storage.check_bucket(out)
+    manifest = read_json(storage, join(out, MANIFEST), strict=False)
+    if manifest is not None and manifest.get("job_id") == plan.job_id:
         return manifest
-    if not force:
+    if manifest is not None and not force:
         raise ValueError(f"output {display_url(out)}: holds Fisher statistics of a different job (model, data or "
                          f"settings differ); pass --force to replace them")
-    storage.remove(join(out, MANIFEST))  # from here on it never looks complete
+    check_ownership(storage, out, output_files(plan), _earlier_files(plan, manifest), force=force)
     return None
 
 
@@ -114,7 +147,11 @@ def run_fisher(
     """Compute the statistics of ``plan`` and commit them; returns ``fisher.json``.
 
     A rerun of the same job resumes: finished parts are skipped, and a committed output is
-    returned as it is.
+    returned as it is. The run holds the output's lease from its first write to its last.
+
+    Raises:
+        ClusterTooSmall: a group does not fit the cluster (found before anything is written).
+        LeaseHeld: another run holds the output.
     """
     emit = emit or (lambda e: None)
     t0 = time.perf_counter()
@@ -124,15 +161,26 @@ def run_fisher(
         return done
     import ray
 
+    storage, out = plan.storage, plan.job.output
     started = ensure_ray(ray_address, num_cpus)
     try:
-        markers = _run_parts(plan, emit, poll_s)
-        manifest = _reduce_and_commit(plan, markers, emit, t0)
+        _resources(plan)  # a cluster too small is bad input: refuse before the first write
+        with Lease(storage, out, "Fisher run") as lease:
+            lease.acquire()
+            done = prepare_output(plan, force=force)  # again, now that no other run can change it
+            if done is not None:
+                return done
+            manifest = read_json(storage, join(out, MANIFEST), strict=False)
+            write_claims(storage, out, output_files(plan), known=_earlier_files(plan, manifest))
+            storage.remove(join(out, MANIFEST))  # --force: from here on it never looks complete
+            markers = _run_parts(plan, emit, poll_s)
+            manifest = _reduce_and_commit(plan, markers, emit, t0, lease)
+            if not plan.job.keep_parts:
+                storage.remove_tree(join(out, PARTS_DIR))
+            remove_state(storage, out, [])
     finally:
         if started:
             ray.shutdown()
-    if not plan.job.keep_parts:
-        plan.storage.remove_tree(join(plan.job.output, PARTS_DIR))
     return manifest
 
 
@@ -192,7 +240,8 @@ def _run_parts(plan: FisherPlan, emit: Callable[[Event], None], poll_s: float) -
             for r in range(world)
         ]
         master = actors[0].endpoint.remote()  # resolved by Ray before the ranks start
-        refs = [a.run.remote(part, r, world, master, cpus) for r, a in enumerate(actors)]
+        spec = dataclasses.replace(part, allow_nonfinite=job.allow_nonfinite)  # not in the part's identity
+        refs = [a.run.remote(spec, r, world, master, cpus) for r, a in enumerate(actors)]
         return _Group(part=part, attempt=attempt, pg=pg, actors=actors, refs=refs)
 
     def teardown(group: _Group) -> None:
@@ -223,6 +272,9 @@ def _run_parts(plan: FisherPlan, emit: Callable[[Event], None], poll_s: float) -
                         live.pop((part_id, r), None)
                     cause = getattr(error, "cause", None)
                     cause = cause if isinstance(cause, BaseException) else error
+                    if isinstance(cause, NonFiniteError):  # the same data gives the same NaN: no retry
+                        raise NonFiniteError(f"Fisher statistics of model {display_url(job.model)} on data "
+                                             f"{display_url(job.data)}: {cause}") from None
                     if group.attempt >= job.max_retries:
                         raise cause
                     emit({"event": "part_retry", "part": part_id, "attempt": group.attempt + 1,
@@ -283,8 +335,10 @@ def _poll(active: dict[int, _Group], live: dict[tuple[int, int], dict[str, Any]]
 
 
 def reduce_shard(storage_options: dict[str, Any], part_urls: list[str], url: str,
-                 entries: list[tuple[str, str, tuple[int, ...]]], num_examples: int) -> dict[str, Any]:
-    """Sum one final shard's tensors over the parts (in part order); a Ray task.
+                 entries: list[tuple[str, str, tuple[int, ...]]], num_examples: int,
+                 check: bool = True) -> dict[str, Any]:
+    """Sum one final shard's tensors over the parts (in part order); a Ray task. With ``check``,
+    a sum of finite parts that overflowed float32 stops it (``NonFiniteError``).
 
     Returns:
         ``{"sha256", "bytes", "sumsq_mean"}``: the squared L2 norm of ``sum / num_examples``
@@ -306,13 +360,17 @@ def reduce_shard(storage_options: dict[str, Any], part_urls: list[str], url: str
                 acc = read_tensor(storage, refs[0], span).to(torch.float32)
                 for ref in refs[1:]:
                     acc.add_(read_tensor(storage, ref, span))
-                sumsq += float((acc.double() / num_examples).square().sum())
+                block = float((acc.double() / num_examples).square().sum())  # finite iff acc is (float64)
+                if check and not math.isfinite(block):
+                    check_finite(acc, f"statistics summed over {len(refs)} part(s)", name, rows=span,
+                                 total_rows=rows if shape else None, note="the sum over the parts overflowed float32")
+                sumsq += block
                 w.write(name, acc)
     return {"sha256": w.sha256, "bytes": w.total_bytes, "sumsq_mean": sumsq}
 
 
 def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Callable[[Event], None],
-                       t0: float) -> dict[str, Any]:
+                       t0: float, lease: Lease) -> dict[str, Any]:
     import ray
 
     storage, job = plan.storage, plan.job
@@ -328,20 +386,23 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
         refs[file] = remote.options(
             num_cpus=1, memory=min(biggest, 2 * REDUCE_BLOCK_BYTES) + 2**27, max_retries=3,
             retry_exceptions=[ConnectionError, TimeoutError],
-        ).remote(job.storage_options, part_urls, join(job.output, file), entries, num_examples)
+        ).remote(job.storage_options, part_urls, join(job.output, file), entries, num_examples,
+                  not job.allow_nonfinite)
     shards = {}
     try:
         for file, ref in refs.items():
             shards[file] = ray.get(ref)
     except ray.exceptions.RayTaskError as e:
         cause = e.cause if isinstance(e.cause, BaseException) else e
+        if isinstance(cause, NonFiniteError):
+            raise NonFiniteError(f"Fisher statistics of model {display_url(job.model)} on data "
+                                 f"{display_url(job.data)}: {cause}") from None
         raise cause from None
     emit({"event": "reduce_done", "shards": len(shards)})
     weight_map = {n: file for file, names in plan.shards.items() for n in names}
     index = {"metadata": {"total_size": sum(4 * math.prod(s) for s in shapes.values())},
              "weight_map": {n: weight_map[n] for n in shapes}}
-    storage.write_bytes(join(job.output, f"{STATS_STEM}.safetensors.index.json"),
-                        json.dumps(index, indent=2).encode())
+    storage.write_bytes(join(job.output, INDEX_NAME), json.dumps(index, indent=2).encode())
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": "sar-dist fisher statistics",
@@ -375,6 +436,7 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
     storage.remove_partials(job.output, shards)  # from reduce tasks killed mid-write
+    lease.check()  # a run that lost its lease must not declare the output complete
     storage.write_bytes(join(job.output, MANIFEST), json.dumps(manifest, indent=2).encode())
     emit({"event": "committed", "output": display_url(job.output), "num_examples": num_examples,
           "l2_norm_mean": manifest["l2_norm_mean"], "elapsed_s": manifest["elapsed_s"]})

@@ -70,6 +70,7 @@ class PartSpec:
         job_id: identity of the job; a part directory from another job is never reused.
         timeout_s: collective timeout inside the group.
         engine: ``deepspeed`` (a ZeRO-3 world) or ``torch`` (a one-rank group, plain autograd).
+        allow_nonfinite: skip the NaN/inf checks of weights, losses and statistics.
     """
 
     part: int
@@ -88,3 +89,17 @@ class PartSpec:
     job_id: str
     timeout_s: float = 1800.0
     engine: str = "deepspeed"
+    allow_nonfinite: bool = False
+
+    def examples_text(self) -> str:
+        """This part's examples in words (0-based indices in data order), for messages."""
+        idx = [e.index for e in self.examples]
+        if not idx:
+            return "no examples"
+        if len(idx) == 1:
+            return f"example {idx[0]}"
+        if len(idx) == 2:
+            return f"examples {idx[0]} and {idx[1]}"
+        if all(b - a == 1 for a, b in zip(idx, idx[1:], strict=False)):
+            return f"examples {idx[0]}-{idx[-1]}"
+        return f"examples {idx[0]}, {idx[1]}, ..., {idx[-1]}"

@@ -16,6 +16,12 @@ step and clears DeepSpeed's gradient buffers (whose own accumulation would run i
 parameter dtype). Weights are loaded sharded: every rank range-reads only its own partition
 of each tensor from the checkpoint. At the end each statistics tensor is gathered to the
 rank that owns it (one tensor at a time) and streamed into that rank's shard of the part.
+
+Non-finite values stop the rank with a ``NonFiniteError`` (``sar_dist.finite``; the driver
+never retries it), unless the job allows them: a weight as it is loaded (naming the tensor),
+each example's log-likelihood before its backward (naming the example: its 0-based index in
+data order), and each statistics tensor before it is written (naming the tensor and the part's
+examples: a finite loss can still give an infinite squared gradient).
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES, order_for_writing
 from sar_dist.checkpoint.index import open_checkpoint
 from sar_dist.checkpoint.reader import read_flat
 from sar_dist.checkpoint.writer import ShardWriter
+from sar_dist.finite import OPT_OUT, NonFiniteError, check_finite
 from sar_dist.fisher.types import IGNORE_INDEX, Example, PartSpec, TensorSlot
-from sar_dist.storage import Storage, join
+from sar_dist.storage import Storage, display_url, join
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +235,8 @@ def _loop(spec: PartSpec, forward, backward, *, rank: int, world: int, progress:
         logits = forward(input_ids=ids, use_cache=False).logits[0]
         gen = example_generator(spec.seed, ex.index) if spec.estimator == "sampled" else None
         ll = target_log_likelihood(logits, labels, estimator=spec.estimator, generator=gen)
+        if real and not spec.allow_nonfinite:
+            _check_loss(ll, ex)
         backward(ll if real else ll * 0.0)
         if real:
             counts.examples += 1
@@ -236,6 +245,24 @@ def _loop(spec: PartSpec, forward, backward, *, rank: int, world: int, progress:
             progress.update(examples=counts.examples, targets=counts.targets, tokens=counts.tokens)
     counts.compute_s = time.perf_counter() - t0
     return counts
+
+
+def _check_loss(ll: torch.Tensor, ex: Example) -> None:
+    """Stop on a non-finite log-likelihood, naming the example (one scalar read per step)."""
+    value = ll.item()
+    if not math.isfinite(value):
+        raise NonFiniteError(f"example {ex.index} (0-based, in data order): the log-likelihood of its "
+                             f"{ex.num_targets} target token(s) is {value}; {OPT_OUT}")
+
+
+def _load_weight(spec: PartSpec, storage: Storage, ref: Any, name: str, start: int, end: int) -> torch.Tensor:
+    """Elements ``[start, end)`` of a checkpoint tensor, checked for NaN/inf."""
+    flat = read_flat(storage, ref, start, end)
+    if not spec.allow_nonfinite:
+        whole = start == 0 and end == ref.info.numel
+        check_finite(flat, f"model {display_url(spec.model_url)}", name,
+                     span="" if whole else f"elements {start}-{end - 1} of {ref.info.numel}")
+    return flat
 
 
 def _accumulate_torch(spec: PartSpec, progress: MutableMapping[str, Any]) -> tuple[dict[str, torch.Tensor], Counts]:
@@ -254,7 +281,7 @@ def _accumulate_torch(spec: PartSpec, progress: MutableMapping[str, Any]) -> tup
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for p, name in _params_to_load(spec, params):
-            p.copy_(read_flat(storage, checkpoint.tensors[name], 0, p.numel()).view(p.shape))
+            p.copy_(_load_weight(spec, storage, checkpoint.tensors[name], name, 0, p.numel()).view(p.shape))
     model.eval()  # no dropout: statistics at the given model, deterministic
     unique = dict(model.named_parameters())
     acc = {id(p): torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in unique.values()}
@@ -281,7 +308,7 @@ def _accumulate_zero3(spec: PartSpec, deepspeed: Any, *, rank: int, world: int,
     # partition, before the engine copies partitions into its flat buffers
     for p, name in _params_to_load(spec, params):
         start, end = _flat_range(p.ds_numel, rank, world)
-        p.ds_tensor.data[: end - start].copy_(read_flat(storage, checkpoint.tensors[name], start, end))
+        p.ds_tensor.data[: end - start].copy_(_load_weight(spec, storage, checkpoint.tensors[name], name, start, end))
     unique = dict(model.named_parameters())
     for p in unique.values():
         p.register_hook(_square_hook(world))
@@ -390,4 +417,8 @@ def _write_part(spec: PartSpec, storage: Storage, dist: Any, acc: dict[str, torc
                     dist.gather(local, gather_list=bucket, dst=owner)
                     full = torch.cat(bucket)[:numel].view(shape) if mine else None
                 if mine:
+                    if not spec.allow_nonfinite and slot.param is not None:
+                        check_finite(full, f"statistics of part {spec.part} ({spec.examples_text()})", name,
+                                     note="the squared gradients overflowed float32 or an example's gradient is "
+                                          "non-finite (its loss was finite)")
                     writer.write(name, full)

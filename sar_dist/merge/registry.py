@@ -2,14 +2,16 @@
 
 Variants of one formula (``dare_ties``, ``della``, ...) are presets of one function, as in mergekit.
 At import every parameter class is checked to be a frozen, ``kw_only``, ``slots`` dataclass whose
-fields carry the ``yaml``/``per_model``/``default`` metadata the resolver reads.
+fields carry the ``yaml``/``per_model``/``default`` metadata the resolver reads, every numeric field
+declaring its valid values (an :class:`~sar_dist.merge.base.Interval` holding its default).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
-from sar_dist.merge.base import MergeMethod
+from sar_dist.merge.base import REQUIRED, Interval, MergeMethod
 from sar_dist.merge.methods.linear import LINEAR_URL, LinearParams, linear
 from sar_dist.merge.methods.ram import RAM_URL, RamParams, RamplusTlParams, ram, ramplus_tl, ramplus_tl_state
 from sar_dist.merge.methods.sar import (
@@ -84,7 +86,7 @@ _ALL = [
     MergeMethod(name="ram", fn=ram, params_cls=RamParams, needs_base=True, paper_url=RAM_URL, elementwise=_always),
     MergeMethod(name="ramplus_tl", fn=ramplus_tl, params_cls=RamplusTlParams, needs_base=True, paper_url=RAM_URL, state=ramplus_tl_state),
     MergeMethod(name="sar", fn=sar, params_cls=SarParams, needs_base=True, paper_url=SAR_URL, needs_fisher=True, elementwise=sar_elementwise, state=sar_state),
-    MergeMethod(name="fisher", fn=fisher, params_cls=FisherParams, needs_base=False, paper_url=FISHER_URL, needs_fisher=True, elementwise=_always),
+    MergeMethod(name="fisher", fn=fisher, params_cls=FisherParams, needs_base=False, paper_url=FISHER_URL, needs_fisher=True, merges_base=False, elementwise=_always),
 ]  # fmt: skip
 
 METHODS: dict[str, MergeMethod] = {m.name: m for m in _ALL}
@@ -110,6 +112,15 @@ def get_method(name: str) -> MergeMethod:
         raise ValueError(f"unknown merge_method {name!r}; known: {known}") from None
 
 
+_NUMERIC = re.compile(r"\b(float|int)\b")
+
+
+def is_numeric_field(f: dataclasses.Field) -> bool:
+    """Whether a parameter field holds numbers (``float``, ``tuple[float, ...]``), not bools or strings."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return bool(_NUMERIC.search(str(kind)))
+
+
 def check_params_cls(cls: type) -> None:
     """Check that a parameter class follows the contract.
 
@@ -118,7 +129,8 @@ def check_params_cls(cls: type) -> None:
 
     Raises:
         TypeError: unless ``cls`` is a frozen, ``kw_only``, ``slots`` dataclass whose fields all carry
-            ``yaml``/``per_model``/``default`` metadata.
+            ``yaml``/``per_model``/``default`` metadata, whose numeric fields (and only those) declare
+            ``valid`` values holding their default, and whose ``CONSTRAINTS`` name its keys.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls.__name__} is not a dataclass")
@@ -131,6 +143,18 @@ def check_params_cls(cls: type) -> None:
             raise TypeError(f"{cls.__name__}.{f.name} is not kw_only")
         if not {"yaml", "per_model", "default"} <= set(f.metadata):
             raise TypeError(f"{cls.__name__}.{f.name} was not declared with per_model() or method_param()")
+        valid, default = f.metadata.get("valid"), f.metadata["default"]
+        if is_numeric_field(f):
+            if not isinstance(valid, Interval):
+                raise TypeError(f"{cls.__name__}.{f.name} is numeric but declares no valid=Interval(...)")
+            if default is not REQUIRED and default not in valid:
+                raise TypeError(f"{cls.__name__}.{f.name}: default {default!r} is not in {valid}")
+        elif valid is not None:
+            raise TypeError(f"{cls.__name__}.{f.name} is not numeric but declares valid={valid}")
+    keys = {f.metadata["yaml"] for f in dataclasses.fields(cls)}
+    for c in getattr(cls, "CONSTRAINTS", ()):
+        if not set(c.keys) <= keys:
+            raise TypeError(f"{cls.__name__}: a constraint names unknown keys {sorted(set(c.keys) - keys)}")
 
 
 assert len(METHODS) == len(_ALL), "duplicate method name"

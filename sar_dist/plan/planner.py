@@ -136,7 +136,8 @@ def build_plan(
     base_url = job.base_model
     input_refs = job.input_models()
     input_urls = [m.model for m in input_refs]
-    urls = ([base_url] if base_url and method.needs_base else []) + input_urls
+    # a base the method does not merge is still opened: its layout must match (it supplies config.json)
+    urls = ([base_url] if base_url else []) + input_urls
     check_read_concurrency(read_concurrency)  # bad input: before any header is read
 
     with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
@@ -160,6 +161,8 @@ def build_plan(
     for u in input_urls:
         if u != ref_url:
             problems += layout_problems(ref_name, ref, indexes[u], "model")
+    if base_url is not None and base_url != ref_url and base_url not in input_urls:
+        problems += layout_problems(ref_name, ref, indexes[base_url], "base model", dtypes=False)
     _raise_all(problems)
 
     base_dir = base_url if base_url is not None else input_urls[0]
@@ -214,7 +217,9 @@ def build_plan(
     inputs_fp = {u: idx.fingerprint() for u, idx in indexes.items()}
     inputs_fp.update({m.fisher: fi.fingerprint() for m, fi in zip(input_refs, fisher_indexes, strict=False)})
     resolved = job.to_dict()
-    identity = {k: v for k, v in resolved.items() if k not in ("output", "storage_options")}
+    # allow_nonfinite changes no output bit (it only skips checks): a run stopped by a check
+    # resumes with it
+    identity = {k: v for k, v in resolved.items() if k not in ("output", "storage_options", "allow_nonfinite")}
     plan_id = hashlib.sha256(
         json.dumps({"job": identity, "inputs": inputs_fp, "device": device, "layout": layout},
                    sort_keys=True, default=str).encode()
@@ -246,6 +251,7 @@ def build_plan(
                 # parts in flight are held until copied into their tensors (remote inputs)
                 estimated_bytes=TASK_OVERHEAD_BYTES + peak + state + read_buffer,
                 read_concurrency=read_concurrency,
+                allow_nonfinite=job.allow_nonfinite,
             )
         )
 

@@ -85,6 +85,7 @@ class ShardTask:
         out_bytes: size of the finished shard file (header + data).
         estimated_bytes: peak memory estimate for the task (Ray ``memory=`` request).
         read_concurrency: most range requests the task keeps in flight (``Storage.read_many``).
+        allow_nonfinite: skip the NaN/inf checks of inputs and merged blocks (``sar_dist.finite``).
     """
 
     index: int
@@ -101,6 +102,7 @@ class ShardTask:
     out_bytes: int
     estimated_bytes: int
     read_concurrency: int = READ_CONCURRENCY
+    allow_nonfinite: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

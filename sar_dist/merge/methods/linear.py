@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from sar_dist.merge.base import REQUIRED, TensorContext, method_param, per_model
+from sar_dist.merge.base import ANY_REAL, REQUIRED, Constraint, TensorContext, method_param, per_model
 
 LINEAR_URL = "https://arxiv.org/abs/2203.05482"
 
@@ -22,8 +23,22 @@ class LinearParams:
         normalize: ``normalize``, divide by the weight sum (default true).
     """
 
-    weights: tuple[float, ...] = per_model("weight", REQUIRED)
+    weights: tuple[float, ...] = per_model(
+        "weight", REQUIRED, valid=ANY_REAL,
+        why="negative weights extrapolate (e.g. 1.3 and -0.3), as mergekit allows",
+    )
     normalize: bool = method_param("normalize", True)
+
+    CONSTRAINTS: ClassVar[tuple[Constraint, ...]] = (
+        Constraint(
+            keys=("weight", "normalize"), per_model=False,
+            text="the weights must sum to more than 0 with normalize: true",
+            why="normalize divides by the sum: 0 divides by zero, and a negative sum is the same merge as the "
+                "negated weights",
+            applies=lambda v: bool(v["normalize"]),
+            margins=lambda v: (sum(v["weight"]),),
+        ),
+    )
 
 
 def linear(tensors: Sequence[Tensor], base: Tensor | None, p: LinearParams, *, ctx: TensorContext) -> Tensor:

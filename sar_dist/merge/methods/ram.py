@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sar_dist.merge.base import TensorContext, method_param
+from sar_dist.merge.base import NON_NEGATIVE, POSITIVE, TensorContext, method_param
 
 RAM_URL = "https://arxiv.org/abs/2601.13572"
 
@@ -26,7 +26,9 @@ class RamParams:
         epsilon: ``epsilon``, an entry is an update where ``|x_i - base| > epsilon`` (default 1e-5).
     """
 
-    epsilon: float = method_param("epsilon", 1e-5)
+    epsilon: float = method_param(
+        "epsilon", 1e-5, valid=NON_NEGATIVE, why="a threshold on |x_i - base|; 0 counts every changed entry"
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -39,9 +41,18 @@ class RamplusTlParams:
         epsilon: ``epsilon``, update threshold and floor of the unique count (default 1e-5).
     """
 
-    r: float = method_param("r", 0.1)
-    alpha: float = method_param("alpha", 0.2)
-    epsilon: float = method_param("epsilon", 1e-5)
+    r: float = method_param(
+        "r", 0.1, valid=NON_NEGATIVE,
+        why="the strength of the boost of unique updates; a negative r would shrink them (and flip them below -1/alpha)",
+    )
+    alpha: float = method_param(
+        "alpha", 0.2, valid=NON_NEGATIVE, why="a cap on the overlap ratio rho, which is >= 0"
+    )
+    epsilon: float = method_param(
+        "epsilon", 1e-5, valid=POSITIVE,
+        why="it also floors the unique-update count rho divides by: 0 gives 0/0 = NaN for a model that "
+            "changes nothing in a tensor",
+    )
 
 
 def _split_updates(tensors: Sequence[Tensor], base: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:

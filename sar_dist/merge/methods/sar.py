@@ -29,12 +29,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from sar_dist.merge import ops
-from sar_dist.merge.base import TensorContext, method_param, per_model
+from sar_dist.merge.base import (
+    ANY_REAL,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    Constraint,
+    TensorContext,
+    method_param,
+    per_model,
+)
 from sar_dist.merge.methods.trim import MAX_KEPT_MAGNITUDES
 
 SAR_URL = "https://arxiv.org/abs/2606.18521"
@@ -66,23 +76,31 @@ class SarParams:
         lam: ``lambda``, scale of the merged update (default 1).
     """
 
-    weights: tuple[float, ...] = per_model("weight", 1.0)
-    eps: float = method_param("eps", 0.0)
+    weights: tuple[float, ...] = per_model(
+        "weight", 1.0, valid=ANY_REAL,
+        why="t_k = w_k (x_k - base): a negative weight negates a task vector, 0 leaves the model out",
+    )
+    eps: float = method_param(
+        "eps", 0.0, valid=NON_NEGATIVE, why="a threshold on |t_k|; 0 counts every bitwise change"
+    )
     fisher_norm: str = method_param("fisher_norm", "l2")
-    fisher_floor: float = method_param("fisher_floor", DEFAULT_FISHER_FLOOR)
+    fisher_floor: float = method_param(
+        "fisher_floor", DEFAULT_FISHER_FLOOR, valid=NON_NEGATIVE,
+        why="a lower bound of the Fisher values F_k, which are >= 0; SAR's means guard a zero Fisher sum",
+    )
     arbitration: str = method_param("arbitration", "sensitivity")
-    density: float = method_param("density", 1.0)
+    density: float = method_param(
+        "density", 1.0, valid=UNIT, why="the fraction of the merged update's nonzero entries kept: 0 none, 1 all"
+    )
     rescale: str = method_param("rescale", "l1")
-    lam: float = method_param("lambda", 1.0)
+    lam: float = method_param(
+        "lambda", 1.0, valid=ANY_REAL, why="the scale of the merged update: 0 gives the base, < 0 subtracts it"
+    )
 
     def __post_init__(self) -> None:
         _check_choice(self.fisher_norm, FISHER_NORMS, "fisher_norm")
         _check_choice(self.arbitration, ARBITRATIONS, "arbitration")
         _check_choice(self.rescale, RESCALES, "rescale")
-        if not 0.0 <= self.density <= 1.0:
-            raise ValueError(f"parameter 'density': {self.density} is not in [0, 1]")
-        if self.eps < 0 or self.fisher_floor < 0:
-            raise ValueError("parameters 'eps' and 'fisher_floor' must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -95,14 +113,30 @@ class FisherParams:
         fisher_floor: ``fisher_floor``, lower bound of F_k (default 1e-30).
     """
 
-    weights: tuple[float, ...] = per_model("weight", 1.0)
+    weights: tuple[float, ...] = per_model(
+        "weight", 1.0, valid=NON_NEGATIVE,
+        why="the mixing coefficients of a Fisher-weighted average (Matena and Raffel): a negative one can "
+            "cancel the divisor sum_k w_k F_k",
+    )
     fisher_norm: str = method_param("fisher_norm", "l2")
-    fisher_floor: float = method_param("fisher_floor", DEFAULT_FISHER_FLOOR)
+    fisher_floor: float = method_param(
+        "fisher_floor", DEFAULT_FISHER_FLOOR, valid=POSITIVE,
+        why="a lower bound of F_k: with 0, an entry whose Fisher is 0 in every model (an embedding row of "
+            "a token the data never shows) is 0/0 = NaN",
+    )
+
+    CONSTRAINTS: ClassVar[tuple[Constraint, ...]] = (
+        Constraint(
+            keys=("weight",), per_model=False,
+            text="the weights must sum to more than 0",
+            why="the average divides by sum_k w_k F_k, 0 where every weight is 0",
+            applies=lambda v: True,
+            margins=lambda v: (sum(v["weight"]),),
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check_choice(self.fisher_norm, FISHER_NORMS, "fisher_norm")
-        if self.fisher_floor < 0:
-            raise ValueError("parameter 'fisher_floor' must be >= 0")
 
 
 def fisher(tensors: Sequence[Tensor], base: Tensor | None, p: FisherParams, *, ctx: TensorContext,

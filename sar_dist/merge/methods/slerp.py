@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from sar_dist.merge import ops
-from sar_dist.merge.base import REQUIRED, TensorContext, method_param
+from sar_dist.merge.base import REQUIRED, UNIT, TensorContext, method_param
 
 SLERP_URL = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#slerp-slerp"
 
@@ -34,7 +34,9 @@ class SlerpParams:
         t: ``t``, interpolation factor (required): 0 gives the base, 1 the other model.
     """
 
-    t: float = method_param("t", REQUIRED)
+    t: float = method_param(
+        "t", REQUIRED, valid=UNIT, why="an interpolation factor: 0 gives the base, 1 the other model"
+    )
 
 
 def _coefficients(dot: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

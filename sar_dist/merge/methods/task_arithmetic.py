@@ -7,7 +7,7 @@ With sign election: ``mask_i = sign(wd_i) == sign(sum_j wd_j)`` (a zero sum coun
 ``mixed = sum_i wd_i * mask_i``, ``divisor = sum_i w_i * mask_i`` (0 -> 1). Without:
 ``mixed = sum_i wd_i``, ``divisor = sum_i w_i`` (|divisor| < 1e-8 -> 1). If ``normalize``,
 ``mixed /= divisor``; result ``base + lambda * mixed``. Semantics of mergekit 0.1.5
-(``/work/shared/METHODS.md``); all arithmetic stays in the input dtype, as there.
+(``docs/methods.md``); all arithmetic stays in the input dtype, as there.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sar_dist.merge import ops
-from sar_dist.merge.base import REQUIRED, TensorContext, method_param, per_model
+from sar_dist.merge.base import ANY_REAL, REQUIRED, UNIT, TensorContext, method_param, per_model
 from sar_dist.merge.methods.trim import TrimState
 
 TASK_ARITHMETIC_URL = "https://arxiv.org/abs/2212.04089"
@@ -39,9 +39,16 @@ class TaskArithmeticParams:
         int8_mask: ``int8_mask``, accepted for compatibility; memory only in mergekit, no effect here.
     """
 
-    weights: tuple[float, ...] = per_model("weight", REQUIRED)
-    densities: tuple[float, ...] = per_model("density", 1.0)
-    lambda_: float = method_param("lambda", 1.0)
+    weights: tuple[float, ...] = per_model(
+        "weight", REQUIRED, valid=ANY_REAL, why="a negative weight subtracts a task vector, as in mergekit"
+    )
+    densities: tuple[float, ...] = per_model(
+        "density", 1.0, valid=UNIT,
+        why="the fraction of a task vector's entries kept, for DARE and DELLA the keep probability: 0 keeps none, 1 all",
+    )
+    lambda_: float = method_param(
+        "lambda", 1.0, valid=ANY_REAL, why="the scale of the merged update: 0 gives the base, < 0 subtracts it"
+    )
     normalize: bool = method_param("normalize", False)
     rescale: bool = method_param("rescale", False)
     int8_mask: bool = method_param("int8_mask", False)

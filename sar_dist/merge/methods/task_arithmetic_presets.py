@@ -2,18 +2,19 @@
 
 Each preset fixes the sparsifier and whether signs are elected, and has its own parameter class so
 its defaults (``normalize``, ``rescale``, ``gamma``, ``epsilon``) match mergekit 0.1.5's table in
-``/work/shared/METHODS.md``. Sparsification runs on each ``d_i = x_i - base`` before the weights.
+``docs/methods.md``. Sparsification runs on each ``d_i = x_i - base`` before the weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from sar_dist.merge.base import TensorContext, method_param, per_model
+from sar_dist.merge.base import UNIT, Constraint, Interval, TensorContext, method_param, per_model
 from sar_dist.merge.methods.drop import DellaState, DropState
 from sar_dist.merge.methods.task_arithmetic import TaskArithmeticParams, generalized_task_arithmetic
 from sar_dist.merge.methods.trim import OutlierState
@@ -39,7 +40,11 @@ class DareTiesParams(DareLinearParams):
 class BreadcrumbsParams(TaskArithmeticParams):
     """Adds per-model ``gamma`` (fraction of largest-magnitude outliers dropped, default 0.01)."""
 
-    gammas: tuple[float, ...] = per_model("gamma", 0.01)
+    gammas: tuple[float, ...] = per_model(
+        "gamma", 0.01, valid=UNIT,
+        why="the fraction of largest-magnitude entries dropped as outliers (fewer where density + gamma > 1, "
+            "as in mergekit)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -52,7 +57,22 @@ class DellaLinearParams(TaskArithmeticParams):
     """Adds per-model ``epsilon`` (keep-probability half-width, default 0.15); ``rescale`` on."""
 
     rescale: bool = method_param("rescale", True)
-    epsilons: tuple[float, ...] = per_model("epsilon", 0.15)
+    epsilons: tuple[float, ...] = per_model(
+        "epsilon", 0.15, valid=Interval(0.0, 0.5, hi_open=True),
+        why="the half-width of the keep-probability window density +- epsilon, which must fit in (0, 1)",
+    )
+
+    CONSTRAINTS: ClassVar[tuple[Constraint, ...]] = (
+        Constraint(
+            keys=("density", "epsilon"), per_model=True,
+            text="need density - epsilon > 0 and density + epsilon < 1 where 0 < density < 1",
+            why="MagPrune keeps entries with probabilities from density - epsilon to density + epsilon; "
+                "mergekit refuses a window outside (0, 1)",
+            applies=lambda v: 0 < v["density"] < 1,
+            # as mergekit tests it: density + epsilon >= 1 or density - epsilon <= 0 is an error
+            margins=lambda v: (v["density"] - v["epsilon"], 1 - (v["density"] + v["epsilon"])),
+        ),
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
