@@ -131,7 +131,7 @@ class MergeJob:
         models: inputs in config order (may include the base model, as mergekit allows).
         base_model: base checkpoint URL, or None (``linear``).
         parameters: raw top-level parameter values.
-        dtype: compute dtype name, or None for float32 (see DESIGN.md).
+        dtype: compute dtype name, or None for float32 (docs/methods.md, "Numerics and dtypes").
         out_dtype: output dtype name, or None (then ``dtype``, else each tensor's own).
         tokenizer_source: ``"base"``, a model URL, or None (no tokenizer files copied).
         output: output directory URL.

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 DOC = REPO / "docs" / "methods.md"
 # what users get: the package, the README, the pipelines, benchmarks, configs and cluster files
 CHECKED = ["sar_dist", "README.md", "pipelines", "bench", "configs", "cluster", "docs", "Makefile", "pyproject.toml"]
-OUTSIDE = re.compile(r"\.\./shared|/work/shared")
+OUTSIDE = re.compile(r"\.\./shared|/work/shared|\bDESIGN\.md|\bMETHODS\.md|\bSTYLE\.md")
 
 
 def _sections(text: str) -> dict[str, str]:
@@ -99,3 +99,12 @@ def test_no_reference_to_files_outside_the_repository(top):
             continue  # binary files
         bad += [f"{path.relative_to(REPO)}:{i + 1}" for i, line in enumerate(text.splitlines()) if OUTSIDE.search(line)]
     assert not bad, bad
+
+
+def test_every_ranged_parameter_has_its_valid_values_documented():
+    text = DOC.read_text()
+    table = text.split("### Valid values", 1)[1].split("\n### ", 1)[0]
+    documented = {key for cell in re.findall(r"^\|[^|]+\| ([^|]*) \|", table, flags=re.MULTILINE)
+                  for key in re.findall(r"`([a-z_]+)`", cell)}
+    ranged = {f.metadata["yaml"] for m in METHODS.values() for f in m.param_fields() if f.metadata.get("valid")}
+    assert ranged <= documented, sorted(ranged - documented)

@@ -3,7 +3,7 @@ inside real Ray actors: 1x1, 1x2 and 2x1 topologies, the three data formats, tie
 embeddings, the sampled estimator, S3 on loopback with parts, reduce and resume, and a rank
 killed mid-part.
 
-The reference is written here from the definition in DESIGN.md ("Fisher estimator"): for
+The reference is written here from the definition in README.md ("Fisher statistics"): for
 each example, the gradient of the summed log-probability of its targets, squared, summed.
 """
 

@@ -1,4 +1,4 @@
-"""Every merge method against a naive reference written from METHODS.md, plus identities and kernels."""
+"""Every merge method against a naive reference written from docs/methods.md, plus identities and kernels."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ GTA = {
     "della",
     "della_linear",
 }
-# the mergekit methods of METHODS.md; sar and fisher (which take Fisher statistics) are held to
+# the mergekit methods of docs/methods.md; sar and fisher (which take Fisher statistics) are held to
 # their own references in tests/test_sar.py
 BASELINES = sorted(n for n, m in METHODS.items() if not m.needs_fisher)
 ELECT = {"ties", "dare_ties", "breadcrumbs_ties", "della"}

@@ -1,4 +1,4 @@
-"""SAR-Merging and Fisher merging against references written here from DESIGN.md's definitions,
+"""SAR-Merging and Fisher merging against references written here from docs/methods.md's definitions,
 on sparse task vectors with planted overlaps and sign conflicts; chunked == whole; the merge stage
 end to end with Fisher statistics, and its refusals."""
 
@@ -44,7 +44,7 @@ def planted(num_models: int = 3, shape=(24, 16), seed: int = 0, density: float =
 
 def reference_sar(base, models, fishers, *, weights=None, eps=0.0, arbitration="sensitivity", density=1.0,
                   rescale="l1", lam=1.0):
-    """Entry by entry, as DESIGN.md writes it (float64)."""
+    """Entry by entry, as docs/methods.md writes it (float64)."""
     k = len(models)
     weights = weights or [1.0] * k
     t = [((m.double() - base.double()) * w).reshape(-1) for m, w in zip(models, weights, strict=True)]

@@ -2,7 +2,7 @@
 
 A group of ``R`` ranks shares one sharded copy of the model. At every step each rank runs
 its own example (micro-batch 1), and the statistic wanted is the SUM over examples of the
-squared per-example gradient. Two traps (DESIGN.md, "Fisher estimator"):
+squared per-example gradient. Two traps:
 
 * ZeRO-3 reduce-scatters gradients as the cross-rank MEAN, so the partition a rank holds
   after ``backward`` is ``(1/R) sum_r g_r``; squaring it gives the square of a mean. A hook on

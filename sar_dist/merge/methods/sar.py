@@ -1,6 +1,6 @@
 """SAR-Merging (arXiv 2606.18521) and Fisher-weighted averaging (Matena and Raffel).
 
-SAR, as DESIGN.md ("SAR-Merging") reads the paper; every choice is a parameter:
+SAR, as docs/methods.md (`sar`) reads the paper; every choice is a parameter:
 
 1. ``t_k = w_k * (x_k - base)``; update mask ``m_k = |t_k| > eps``; ``F_k`` the model's mean
    Fisher (sum / num_examples), divided by its global L2 norm with ``fisher_norm: l2`` (the
@@ -62,7 +62,7 @@ def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SarParams:
-    """Parameters of ``sar`` (DESIGN.md "SAR-Merging"; defaults there).
+    """Parameters of ``sar`` (docs/methods.md, `sar`; defaults there).
 
     Attributes:
         weights: per-model ``weight`` w_k scaling each task vector (default 1).
