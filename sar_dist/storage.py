@@ -386,6 +386,19 @@ class Storage:
                 )
             done += n
 
+    @contextmanager
+    def open_read(self, url: str) -> Iterator[BinaryIO]:
+        """A file object to stream a (large) input: a data file read line by line or by row group."""
+        if is_local(url):
+            with open(_local_path(url), "rb") as f:
+                yield f
+            return
+        fs, path = self._remote(url)
+        with naming(url):
+            f = fs.open(path, "rb")
+        with f:
+            yield f
+
     def read_bytes(self, url: str) -> bytes:
         """A whole (small) file: configs, index JSON, manifests."""
         if is_local(url):

@@ -222,6 +222,40 @@ def write_tokenizer(storage: Storage, url: str, vocab: int) -> None:
     storage.write_bytes(join(url, "tokenizer_config.json"), json.dumps(config, indent=2).encode())
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+# a minimal chat template in the usual shape: a header per turn, an end-of-turn token, and the
+# assistant header as the generation prompt
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+
+
+def write_chat_tokenizer(storage: Storage, url: str, vocab: int, *, template: str | None = CHAT_TEMPLATE,
+                         jinja_file: bool = False) -> dict[str, int]:
+    """``write_tokenizer``'s words with the last four ids turned into the special tokens
+    ``<|system|>``, ``<|user|>``, ``<|assistant|>`` and ``<|end|>``, and a chat template: in
+    ``tokenizer_config.json`` (or ``chat_template.jinja`` with ``jinja_file``; none if ``template``
+    is None). Returns the special tokens' ids; words ``wK`` keep id K + 3 for K + 3 < vocab - 4.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    specials = [f"<|{r}|>" for r in CHAT_ROLES] + ["<|end|>"]
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab - 3 - len(specials))] + specials
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ["<unk>", "<s>", "</s>", *specials]])
+    storage.write_bytes(join(url, "tokenizer.json"), tok.to_str().encode())
+    config: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                    "unk_token": "<unk>", "model_max_length": 512}
+    if template is not None and not jinja_file:
+        config["chat_template"] = template
+    storage.write_bytes(join(url, "tokenizer_config.json"), json.dumps(config, indent=2).encode())
+    if template is not None and jinja_file:
+        storage.write_bytes(join(url, "chat_template.jinja"), template.encode())
+    return {t: words.index(t) for t in ["<s>", *specials]}
+
+
 
 def make_fisher(storage: Storage, model_url: str, url: str, *, seed: int, num_examples: int = 8,
                 zero_fraction: float = 0.1) -> None:

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sar_dist.config import DEFAULT_MAX_SHARD_BYTES, _check_no_secrets, _opt_url, parse_size
+from sar_dist.storage import check_no_userinfo
 
 ESTIMATORS = ("empirical", "sampled")
 OVERLENGTH = ("truncate", "refuse")
 DEVICES = ("cpu", "cuda")
 PARAM_DTYPES = ("float32", "bfloat16")
+CHAT_TARGETS = ("last", "all")
 
 # DeepSpeed keys the stage owns: exact per-example statistics need micro-batch 1, no
 # accumulation inside DeepSpeed, ZeRO stage 3 and an optimizer that never steps
@@ -62,6 +64,13 @@ class FisherJob:
         max_retries: times a group is restarted after it fails (a lost worker, a crash).
         timeout_s: collective timeout inside a group.
         storage_options: fsspec options (never credentials).
+        chat_template: overrides the tokenizer's chat template for chat records: a Jinja string or
+            the URL of a ``.jinja`` file (default: the tokenizer's, from tokenizer_config.json or
+            chat_template.jinja).
+        chat_targets: ``last`` (default) or ``all`` assistant turns of ``{"messages"}`` records.
+        prompt_key: the field (parquet column) holding ``prompt`` (default ``prompt``).
+        response_key: the field holding ``response`` (default ``response``).
+        messages_key: the field holding ``messages`` (default ``messages``).
         allow_nonfinite: accept NaN/inf weights, losses and statistics (default: stop with exit 2
             naming the tensor or example). Changes no statistic, so not part of the job's identity.
     """
@@ -87,6 +96,11 @@ class FisherJob:
     timeout_s: float = 1800.0
     storage_options: dict[str, Any] = field(default_factory=dict)
     allow_nonfinite: bool = False
+    chat_template: str | None = None
+    chat_targets: str = "last"
+    prompt_key: str | None = None
+    response_key: str | None = None
+    messages_key: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, where: str = "config", **overrides: Any) -> FisherJob:
@@ -116,8 +130,15 @@ class FisherJob:
                 out[key] = _int(raw[key], low, f"{where}.{key}")
         if "seed" in raw:
             out["seed"] = _int(raw["seed"], 0, f"{where}.seed")
+        for key in ("chat_template", "prompt_key", "response_key", "messages_key"):
+            if raw.get(key) is not None:
+                if not isinstance(raw[key], str) or not raw[key]:
+                    raise ValueError(f"{where}.{key}: expected a non-empty string")
+                if key == "chat_template":
+                    check_no_userinfo(raw[key], f"{where}.{key}")  # a .jinja URL
+                out[key] = raw[key]
         for key, choices in (("estimator", ESTIMATORS), ("overlength", OVERLENGTH), ("device", DEVICES),
-                             ("dtype", PARAM_DTYPES)):
+                             ("dtype", PARAM_DTYPES), ("chat_targets", CHAT_TARGETS)):
             if key in raw:
                 if raw[key] not in choices:
                     raise ValueError(f"{where}.{key}: {raw[key]!r} is not one of {', '.join(choices)}")

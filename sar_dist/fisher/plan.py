@@ -127,7 +127,9 @@ def build_fisher_plan(job: FisherJob) -> FisherPlan:
     if vocab <= 0:
         raise ValueError(f"model {where}: config.json has no vocab_size")
     data = load_examples(storage, job.data, vocab_size=vocab, max_length=job.max_length, overlength=job.overlength,
-                         num_examples=job.num_examples, tokenizer_url=job.tokenizer or job.model)
+                         num_examples=job.num_examples, tokenizer_url=job.tokenizer or job.model,
+                         chat_template=job.chat_template, chat_targets=job.chat_targets, prompt_key=job.prompt_key,
+                         response_key=job.response_key, messages_key=job.messages_key)
     if len(data.examples) < job.groups:
         raise ValueError(f"data {display_url(job.data)}: {len(data.examples)} example(s) for {job.groups} groups; "
                          f"use at most as many groups as examples")
@@ -204,6 +206,13 @@ def _job_id(job: FisherJob, model_content: str, data: CalibrationData, ds_config
         "engine": job.engine,
         "deepspeed": ds_config,
     }
+    # what decides the tokens of chat and remapped records (absent otherwise: earlier job ids hold)
+    if data.chat_template_sha256 is not None:
+        ident["chat_template"] = data.chat_template_sha256
+        ident["chat_targets"] = job.chat_targets
+    keys = {k: getattr(job, k) for k in ("prompt_key", "response_key", "messages_key") if getattr(job, k)}
+    if keys:
+        ident["keys"] = keys
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 

@@ -34,6 +34,7 @@ from sar_dist.checkpoint.writer import ShardWriter
 from sar_dist.execute.commit import package_versions
 from sar_dist.execute.ray_executor import ensure_ray
 from sar_dist.finite import NonFiniteError, check_finite
+from sar_dist.fisher.data import is_template_file
 from sar_dist.fisher.plan import FORMAT_VERSION, MANIFEST, PARTS_DIR, STATS_STEM, FisherPlan, part_is_complete
 from sar_dist.fisher.types import PartSpec
 from sar_dist.output import Lease, check_disjoint, check_ownership, remove_state, write_claims
@@ -96,6 +97,8 @@ def output_files(plan: FisherPlan) -> list[str]:
 def _inputs(plan: FisherPlan) -> list[tuple[str, str]]:
     job = plan.job
     roles = [("the model", job.model), ("the data", job.data), ("the tokenizer", job.tokenizer)]
+    if job.chat_template is not None and is_template_file(job.chat_template):
+        roles.append(("the chat template", job.chat_template))
     files = sorted({r.file for r in plan.checkpoint.tensors.values()})
     return [(role, url) for role, url in roles if url] + [("input file", f) for f in files]
 
@@ -418,6 +421,7 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
         "num_target_tokens": sum(m["num_targets"] for m in markers),
         "num_tokens": sum(m["num_tokens"] for m in markers),
         "data": {"url": display_url(job.data), "sha256": plan.data.sha256, "format": plan.data.format,
+                 "container": plan.data.container, "chat_template_sha256": plan.data.chat_template_sha256,
                  "num_records": plan.data.num_records, "truncated": plan.data.truncated},
         "tokenizer": display_url(job.tokenizer or job.model) if plan.data.format != "tokenized" else None,
         "max_length": job.max_length,
