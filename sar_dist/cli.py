@@ -50,6 +50,13 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", help="calibration JSONL URL")
     f.add_argument("--output", help="statistics directory URL")
     f.add_argument("--tokenizer", help="directory with tokenizer.json (default: the model's)")
+    f.add_argument("--chat-template", help="chat template for chat records: a Jinja string or a .jinja URL "
+                                           "(default: the tokenizer's)")
+    f.add_argument("--chat-targets", choices=("last", "all"), help="assistant turns of {messages} records taken "
+                                                                   "as targets (default: last)")
+    f.add_argument("--prompt-key", help="field (parquet column) holding the prompt (default: prompt)")
+    f.add_argument("--response-key", help="field holding the response (default: response)")
+    f.add_argument("--messages-key", help="field holding the chat messages (default: messages)")
     f.add_argument("--num-examples", type=int, help="use at most this many examples")
     f.add_argument("--max-length", type=int, help="tokens per example (default 2048)")
     f.add_argument("--overlength", choices=("truncate", "refuse"), help="longer records: truncate (default) or refuse")
@@ -238,6 +245,8 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
             "estimator": args.estimator, "groups": args.groups, "ranks_per_group": args.ranks_per_group,
             "cpus_per_rank": args.cpus_per_rank, "device": args.device, "dtype": args.dtype, "seed": args.seed,
             "keep_parts": args.keep_parts, "storage_options": options, "deepspeed": ds,
+            "chat_template": args.chat_template, "chat_targets": args.chat_targets, "prompt_key": args.prompt_key,
+            "response_key": args.response_key, "messages_key": args.messages_key,
         }
         job = FisherJob.from_dict(raw, where=args.config or "flags", **overrides)
         if job.device == "cuda":

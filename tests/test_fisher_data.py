@@ -274,19 +274,23 @@ def test_bad_containers_and_templates(inputs, tmp_path):
         _load(inputs["messages"], inputs["tok"], chat_template=no_prefix)
 
 
-@pytest.mark.parametrize("case", ["jsonl-line", "parquet-row", "no-template"])
+@pytest.mark.parametrize("case", ["jsonl-line", "parquet-row", "no-template", "template-flag"])
 def test_cli_exits_2_naming_line_or_row_and_writes_nothing(inputs, tmp_path, capsys, case):
-    tok = inputs["tok"]
+    tok, flags = inputs["tok"], []
     if case == "jsonl-line":
         data, want = _jsonl(tmp_path / "d.jsonl", [GOOD_MSG, GOOD_MSG, {"messages": []}]), "d.jsonl line 3: "
     elif case == "parquet-row":
         rows = _verl_rows()
         rows[2]["response"] = ""
         data, want = _write_parquet(tmp_path / "d.parquet", rows), "d.parquet row 2: empty 'response'"
-    else:
+    elif case == "no-template":
         data, tok, want = inputs["messages"], inputs["tok-none"], "has no chat template"
+    else:  # the flag reaches the loader: its template file is read, and here it is missing
+        data, tok, want = inputs["messages"], inputs["tok-none"], "missing.jinja: file not found"
+        flags = ["--chat-template", str(tmp_path / "missing.jinja"), "--chat-targets", "all"]
     out = tmp_path / "out"
-    code = main(["fisher", "--model", inputs["model"], "--data", data, "--tokenizer", tok, "--output", str(out)])
+    code = main(["fisher", "--model", inputs["model"], "--data", data, "--tokenizer", tok, "--output", str(out),
+                 *flags])
     err = capsys.readouterr().err.strip()
     assert code == 2 and want in err and len(err.splitlines()) == 1, err
     assert not out.exists()
