@@ -428,7 +428,7 @@ class Storage:
             return
         fs, path = self._remote(url)
         parent = posixpath.dirname(path)
-        if url.split("://", 1)[0] in OBJECT_STORES:
+        if protocol(url) in OBJECT_STORES:
             # no makedirs: object stores have no directories, and s3fs's makedirs creates a
             # missing bucket, which is the owner's to create
             # parts upload as we go; the object appears on commit() (multipart

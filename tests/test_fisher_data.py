@@ -25,6 +25,7 @@ from sar_dist.storage import Storage
 from sar_dist.synthetic import CHAT_TEMPLATE, LlamaShape, make_base, write_chat_tokenizer
 from tests.conftest import REPO
 from tests.test_fisher import _assert_close, _stats, reference_fisher
+from tests.test_fisher import _write_jsonl as _jsonl
 
 SHAPE = LlamaShape(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64, vocab=128)
 NUM = 5
@@ -58,11 +59,6 @@ def _write_parquet(path: Path, rows: list[dict], row_group_size: int = 2) -> str
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), str(path), row_group_size=row_group_size)
-    return str(path)
-
-
-def _jsonl(path: Path, records: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
 
 

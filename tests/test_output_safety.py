@@ -23,6 +23,7 @@ from sar_dist.cli import main as cli_main
 from sar_dist.output import LEASE_TTL_S, Lease, LeaseHeld
 from sar_dist.storage import Storage, relation
 from tests.conftest import REPO, copytree, upload_tree, write_config
+from tests.test_cli import _ta_config as ta_config  # task_arithmetic over base, ft1 and ft2
 
 
 def digest(*roots: str | Path) -> dict[str, str]:
@@ -33,16 +34,6 @@ def digest(*roots: str | Path) -> dict[str, str]:
         for p in files:
             out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
-
-
-def ta_config(tmp_path: Path, m: dict[str, str], out: str, extra: str = "", name: str = "c.yaml") -> str:
-    return write_config(
-        tmp_path / name,
-        f"merge_method: task_arithmetic\nbase_model: {m['base']}\n"
-        f"models:\n  - model: {m['ft1']}\n    parameters: {{weight: 0.7}}\n"
-        f"  - model: {m['ft2']}\n    parameters: {{weight: 1.0}}\n"
-        f"tokenizer_source: base\noutput: {out}\n{extra}",
-    )
 
 
 def refused(capsys, *argv: str) -> str:

@@ -173,8 +173,6 @@ def prepare_analyze(
                       *(("--fisher", f) for f in fisher or ())]:
         check_no_userinfo(url, what)
     storage = Storage(options)
-    if storage.exists(output):
-        raise ValueError(f"--output {display_url(output)} is a file; give a directory")
 
     base_index = open_checkpoint(storage, base, what="base model")
     indexes = []

@@ -236,7 +236,7 @@ def _run_shard_task(task: ShardTask, on_tensor: Callable[[TensorJob], None] | No
             assert pending is not None
             raw = pending.result()  # raises the prefetch thread's NonFiniteError here
             job, rows = unit
-            if stateful(unit) and rows is not None and rows[0] == 0:
+            if stateful(unit) and rows[0] == 0:
                 state, state_checked = gather_state(method, job, storage, task.device, task.seed,
                                                     task.read_concurrency, check=check_in)  # before its first block
             if check_in and stateful(unit) and not state_checked:  # a state that needed no pass
