@@ -66,6 +66,9 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cpus-per-rank", type=int, help="CPUs per rank (default: the cluster's, spread over all ranks)")
     f.add_argument("--device", choices=("cpu", "cuda"), help="cpu (gloo) or cuda (nccl, a GPU per rank)")
     f.add_argument("--dtype", choices=("float32", "bfloat16"), help="parameter dtype of the sharded model")
+    # no argparse choices: the config's check gives a bad value its one-line error (exit 2)
+    f.add_argument("--stats-dtype", metavar="float32|bfloat16",
+                   help="dtype of the committed statistics (default float32; sums are float32 either way)")
     f.add_argument("--seed", type=int, help="keys the sampled estimator's draws")
     f.add_argument("--keep-parts", action="store_const", const=True, help="keep parts/ after the reduce")
     f.add_argument("--deepspeed", help="a DeepSpeed config as JSON, merged into ours (forces ZeRO-3 at one rank)")
@@ -243,7 +246,8 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
             "model": args.model, "data": args.data, "output": args.output, "tokenizer": args.tokenizer,
             "num_examples": args.num_examples, "max_length": args.max_length, "overlength": args.overlength,
             "estimator": args.estimator, "groups": args.groups, "ranks_per_group": args.ranks_per_group,
-            "cpus_per_rank": args.cpus_per_rank, "device": args.device, "dtype": args.dtype, "seed": args.seed,
+            "cpus_per_rank": args.cpus_per_rank, "device": args.device, "dtype": args.dtype,
+            "stats_dtype": args.stats_dtype, "seed": args.seed,
             "keep_parts": args.keep_parts, "storage_options": options, "deepspeed": ds,
             "chat_template": args.chat_template, "chat_targets": args.chat_targets, "prompt_key": args.prompt_key,
             "response_key": args.response_key, "messages_key": args.messages_key,

@@ -19,6 +19,7 @@ ESTIMATORS = ("empirical", "sampled")
 OVERLENGTH = ("truncate", "refuse")
 DEVICES = ("cpu", "cuda")
 PARAM_DTYPES = ("float32", "bfloat16")
+STATS_DTYPES = ("float32", "bfloat16")  # dtype of the committed statistics (sums are float32 either way)
 CHAT_TARGETS = ("last", "all")
 
 # DeepSpeed keys the stage owns: exact per-example statistics need micro-batch 1, no
@@ -56,6 +57,9 @@ class FisherJob:
         device: ``cpu`` (gloo) or ``cuda`` (nccl, one GPU per rank).
         dtype: parameter dtype of the sharded model (``float32`` default; statistics are
             accumulated in float32 either way).
+        stats_dtype: dtype the committed statistics are stored in: ``float32`` (default) or
+            ``bfloat16`` (half the bytes a merge reads). Parts and the reduce sum in float32
+            either way; only the final reduced sums are rounded (to nearest even).
         cpus_per_rank: CPUs each rank asks Ray for (default: the cluster's CPUs spread over
             all ranks, at least 1).
         seed: keys the ``sampled`` estimator's draws.
@@ -88,6 +92,7 @@ class FisherJob:
     deepspeed: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     dtype: str = "float32"
+    stats_dtype: str = "float32"
     cpus_per_rank: int | None = None
     seed: int = 0
     out_shard_size: int = DEFAULT_MAX_SHARD_BYTES
@@ -138,7 +143,8 @@ class FisherJob:
                     check_no_userinfo(raw[key], f"{where}.{key}")  # a .jinja URL
                 out[key] = raw[key]
         for key, choices in (("estimator", ESTIMATORS), ("overlength", OVERLENGTH), ("device", DEVICES),
-                             ("dtype", PARAM_DTYPES), ("chat_targets", CHAT_TARGETS)):
+                             ("dtype", PARAM_DTYPES), ("stats_dtype", STATS_DTYPES),
+                             ("chat_targets", CHAT_TARGETS)):
             if key in raw:
                 if raw[key] not in choices:
                     raise ValueError(f"{where}.{key}: {raw[key]!r} is not one of {', '.join(choices)}")

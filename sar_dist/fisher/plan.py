@@ -166,7 +166,8 @@ def build_fisher_plan(job: FisherJob) -> FisherPlan:
         for g in range(job.groups)
     )
     return FisherPlan(job=job, storage=storage, checkpoint=checkpoint, model_config=model_config, data=data,
-                      parts=parts, shards=_pack_shards(checkpoint, job.out_shard_size), job_id=job_id, tied=tied,
+                      parts=parts, job_id=job_id, tied=tied,
+                      shards=_pack_shards(checkpoint, job.out_shard_size, 2 if job.stats_dtype == "bfloat16" else 4),
                       model_content=model_content)
 
 
@@ -181,8 +182,8 @@ def _assign_owners(checkpoint: CheckpointIndex, world: int) -> dict[str, int]:
     return owners
 
 
-def _pack_shards(checkpoint: CheckpointIndex, max_bytes: int) -> dict[str, list[str]]:
-    groups = pack_in_order([(name, 4 * ref.info.numel) for name, ref in checkpoint.tensors.items()], max_bytes)
+def _pack_shards(checkpoint: CheckpointIndex, max_bytes: int, itemsize: int = 4) -> dict[str, list[str]]:
+    groups = pack_in_order([(name, itemsize * ref.info.numel) for name, ref in checkpoint.tensors.items()], max_bytes)
     total = len(groups)
     return {f"{STATS_STEM}-{i + 1:05d}-of-{total:05d}.safetensors": names for i, names in enumerate(groups)}
 

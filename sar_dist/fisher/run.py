@@ -12,11 +12,14 @@ whole (its peers would block in collectives) and restarted from scratch, up to
 Reduce: one Ray task per final shard sums that shard's tensors over the parts in part order
 (row blocks for big tensors), so the result does not depend on which parts were resumed, and
 returns the squared L2 norm of the mean statistics it wrote; ``fisher.json`` is written last.
+With ``stats_dtype: bfloat16`` the reduce still sums in float32 and rounds only what it writes
+(round to nearest even); the norm is taken over the rounded values, the ones a merge reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 REDUCE_BLOCK_BYTES = 256 * 2**20  # one part's row block; the sum holds another
+STATS_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}  # stats_dtype -> safetensors dtype
 
 
 class ClusterTooSmall(ValueError):
@@ -94,6 +98,20 @@ def output_files(plan: FisherPlan) -> list[str]:
     return [PARTS_DIR, *plan.shards, INDEX_NAME, MANIFEST]
 
 
+def output_id(plan: FisherPlan) -> str:
+    """Identity of the committed statistics (``fisher.json``'s ``job_id``).
+
+    ``plan.job_id`` keys the parts, which are float32 sums whatever ``stats_dtype`` says: a
+    rerun with another ``stats_dtype`` (``--force``) reuses finished parts and only reduces
+    again. The committed output must match the requested dtype, so ``stats_dtype`` joins the
+    output's identity; float32 keeps ``plan.job_id`` itself, so earlier outputs stay complete.
+    """
+    if plan.job.stats_dtype == "float32":
+        return plan.job_id
+    ident = {"job_id": plan.job_id, "stats_dtype": plan.job.stats_dtype}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
 def _inputs(plan: FisherPlan) -> list[tuple[str, str]]:
     job = plan.job
     roles = [("the model", job.model), ("the data", job.data), ("the tokenizer", job.tokenizer)]
@@ -129,7 +147,7 @@ def prepare_output(plan: FisherPlan, *, force: bool = False) -> dict[str, Any] |
     check_disjoint(out, _inputs(plan))
     storage.check_bucket(out)
     manifest = read_json(storage, join(out, MANIFEST), strict=False)
-    if manifest is not None and manifest.get("job_id") == plan.job_id:
+    if manifest is not None and manifest.get("job_id") == output_id(plan):
         return manifest
     if manifest is not None and not force:
         raise ValueError(f"output {display_url(out)}: holds Fisher statistics of a different job (model, data or "
@@ -341,11 +359,18 @@ def reduce_shard(storage_options: dict[str, Any], part_urls: list[str], url: str
                  entries: list[tuple[str, str, tuple[int, ...]]], num_examples: int,
                  check: bool = True) -> dict[str, Any]:
     """Sum one final shard's tensors over the parts (in part order); a Ray task. With ``check``,
-    a sum of finite parts that overflowed float32 stops it (``NonFiniteError``).
+    a sum of finite parts that overflowed float32, or a finite sum that rounds to inf in the
+    stored dtype, stops it (``NonFiniteError``).
+
+    Args:
+        entries: (name, stored dtype, shape) in write order; the dtype (``F32`` or ``BF16``)
+            is the same for all. Sums are float32 whatever it is; ``BF16`` rounds each summed
+            block to nearest even (``Tensor.to``) just before it is written.
 
     Returns:
-        ``{"sha256", "bytes", "sumsq_mean"}``: the squared L2 norm of ``sum / num_examples``
-        over the shard, in float64.
+        ``{"sha256", "bytes", "sumsq_mean"}``: the squared L2 norm of ``stored / num_examples``
+        over the shard, in float64, from the values as written (rounded for ``BF16``): with
+        ``fisher_norm: l2`` a merge then divides exactly what it reads by exactly its norm.
     """
     import torch
 
@@ -353,7 +378,7 @@ def reduce_shard(storage_options: dict[str, Any], part_urls: list[str], url: str
     parts = [open_checkpoint(storage, u, stem=STATS_STEM, what="fisher part") for u in part_urls]
     sumsq = 0.0
     with ShardWriter(storage, url, entries) as w:
-        for name, _, shape in entries:
+        for name, dtype, shape in entries:
             refs = [p.tensors[name] for p in parts]
             row_bytes = 4 * math.prod(shape[1:]) if shape else 4
             rows = shape[0] if shape else 1
@@ -363,12 +388,16 @@ def reduce_shard(storage_options: dict[str, Any], part_urls: list[str], url: str
                 acc = read_tensor(storage, refs[0], span).to(torch.float32)
                 for ref in refs[1:]:
                     acc.add_(read_tensor(storage, ref, span))
-                block = float((acc.double() / num_examples).square().sum())  # finite iff acc is (float64)
+                stored = acc.to(torch.bfloat16) if dtype == "BF16" else acc
+                block = float((stored.double() / num_examples).square().sum())  # finite iff stored is (float64)
                 if check and not math.isfinite(block):
                     check_finite(acc, f"statistics summed over {len(refs)} part(s)", name, rows=span,
                                  total_rows=rows if shape else None, note="the sum over the parts overflowed float32")
+                    check_finite(stored, f"statistics summed over {len(refs)} part(s)", name, rows=span,
+                                 total_rows=rows if shape else None,
+                                 note="a finite float32 sum rounded to inf in bfloat16 (stats_dtype)")
                 sumsq += block
-                w.write(name, acc)
+                w.write(name, stored)
     return {"sha256": w.sha256, "bytes": w.total_bytes, "sumsq_mean": sumsq}
 
 
@@ -381,10 +410,12 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
     assert num_examples == len(plan.data.examples), (num_examples, len(plan.data.examples))
     part_urls = [p.url for p in plan.parts]
     shapes = plan.shapes
+    st_dtype = STATS_ST_DTYPES[job.stats_dtype]
+    itemsize = 2 if st_dtype == "BF16" else 4
     remote = ray.remote(reduce_shard)
     refs = {}
     for file, names in plan.shards.items():
-        entries = order_for_writing([(n, "F32", shapes[n]) for n in names])
+        entries = order_for_writing([(n, st_dtype, shapes[n]) for n in names])
         biggest = max(4 * math.prod(s) for _, _, s in entries)
         refs[file] = remote.options(
             num_cpus=1, memory=min(biggest, 2 * REDUCE_BLOCK_BYTES) + 2**27, max_retries=3,
@@ -403,15 +434,16 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
         raise cause from None
     emit({"event": "reduce_done", "shards": len(shards)})
     weight_map = {n: file for file, names in plan.shards.items() for n in names}
-    index = {"metadata": {"total_size": sum(4 * math.prod(s) for s in shapes.values())},
+    index = {"metadata": {"total_size": sum(itemsize * math.prod(s) for s in shapes.values())},
              "weight_map": {n: weight_map[n] for n in shapes}}
     storage.write_bytes(join(job.output, INDEX_NAME), json.dumps(index, indent=2).encode())
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": "sar-dist fisher statistics",
         "statistic": "sum over examples of the squared per-example gradient of the summed target "
-                     "log-likelihood, float32; mean = sum / num_examples",
-        "job_id": plan.job_id,
+                     f"log-likelihood, summed in float32, stored as {job.stats_dtype}; mean = sum / num_examples",
+        "job_id": output_id(plan),
+        "stats_dtype": job.stats_dtype,
         "model": {"url": display_url(job.model), "fingerprint": plan.checkpoint.fingerprint(),
                   "content_fingerprint": plan.model_content},
         "estimator": job.estimator,
@@ -431,6 +463,7 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
         "groups": job.groups,
         "ranks_per_group": job.ranks_per_group,
         "engine": job.engine,
+        # over the stored values (rounded with stats_dtype bfloat16): what fisher_norm: l2 divides
         "l2_norm_mean": math.sqrt(sum(s["sumsq_mean"] for s in shards.values())),
         "tied": plan.tied,
         "parts": [{k: m.get(k) for k in ("part", "num_examples", "num_targets", "num_tokens", "compute_s",

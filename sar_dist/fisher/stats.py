@@ -4,7 +4,8 @@ A statistics directory is complete only when ``fisher.json`` is there (it is wri
 The merge stage opens one per fine-tuned model and checks, from headers, that manifest and a
 few sampled blocks of the model, that it was computed for exactly that checkpoint (its content
 fingerprint: fine-tunes of one base share their headers), with a
-float32 tensor of the same shape for every tensor of the model and nothing else.
+tensor of the same shape for every tensor of the model and nothing else, all in the dtype
+``fisher.json`` records as ``stats_dtype`` (float32, the default, or bfloat16).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class FisherStats:
     """Validated statistics of one model.
 
     Attributes:
-        index: the statistics tensors (float32 sums over examples).
+        index: the statistics tensors (sums over examples, float32 or bfloat16).
         manifest: ``fisher.json``.
     """
 
@@ -44,7 +45,8 @@ def open_fisher(storage: Storage, url: str, model: CheckpointIndex) -> FisherSta
 
     Raises:
         ValueError: incomplete statistics, or statistics of another model (one line naming
-            both), or a tensor missing, extra, of another shape or not float32.
+            both), or a tensor missing, extra, of another shape or not of the recorded
+            ``stats_dtype``.
     """
     where = f"fisher statistics {display_url(url)}"
     index = open_checkpoint(storage, url, stem=STATS_STEM, what="fisher statistics")
@@ -64,8 +66,13 @@ def open_fisher(storage: Storage, url: str, model: CheckpointIndex) -> FisherSta
             f"{str(theirs)[:12]}), not for model {display_url(model.url)} (fingerprint {ours[:12]})"
         )
     problems = layout_problems(f"model {display_url(model.url)}", model, index, "fisher statistics", dtypes=False)
-    problems += [f"{display_url(f.file)}: tensor '{n}' is {f.info.dtype}; statistics are F32"
-                 for n, f in index.tensors.items() if f.info.dtype != "F32"]
+    stats_dtype = manifest.get("stats_dtype", "float32")  # absent: written before stats_dtype existed
+    want = {"float32": "F32", "bfloat16": "BF16"}.get(stats_dtype)
+    if want is None:
+        raise ValueError(f"{where}: {MANIFEST} has stats_dtype {stats_dtype!r}; this sar-dist reads "
+                         f"float32 or bfloat16")
+    problems += [f"{display_url(f.file)}: tensor '{n}' is {f.info.dtype}; {MANIFEST} says {want} "
+                 f"(stats_dtype {stats_dtype})" for n, f in index.tensors.items() if f.info.dtype != want]
     if problems:
         raise ValueError(problems[0])
     return FisherStats(index=index, manifest=manifest)
