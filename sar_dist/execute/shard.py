@@ -4,7 +4,8 @@ Work proceeds in units (a whole tensor, or a block of rows of a tensor that an
 elementwise method may process in pieces); the inputs of the next unit are read on a
 background thread while the current one merges (bounded prefetch of one unit; a unit's
 ranges are fetched with several requests in flight, ``Storage.read_many``), and the
-result streams into the shard file. The shard is visible only when complete; then a
+result streams into the shard file. A unit of an elementwise method is merged in cache-sized
+flat blocks with reused buffers (``execute/blocks.py``): no full-size compute-dtype copies. The shard is visible only when complete; then a
 receipt records its size and sha256 so a rerun can skip it.
 
 Non-finite values stop the task (``sar_dist.finite``, unless the job allows them): every
@@ -29,6 +30,7 @@ import torch
 from sar_dist.checkpoint.format import DTYPES
 from sar_dist.checkpoint.reader import read_tensors
 from sar_dist.checkpoint.writer import ShardWriter
+from sar_dist.execute.blocks import merge_blocks
 from sar_dist.finite import NonFiniteError, check_finite
 from sar_dist.merge.base import MergeMethod, TensorContext
 from sar_dist.merge.registry import get_method
@@ -173,10 +175,18 @@ def merge_unit(
     if job.params is None:
         return raw[0].to(out_dtype)
     compute = DTYPES[job.compute_dtype][0]
-    # convert in place in the caller's list, so each stored-dtype buffer is freed as soon
-    # as its compute-dtype copy exists (peak: one extra tensor, not a second set)
     row_elems = raw[0].numel() // raw[0].shape[0] if raw[0].dim() and raw[0].shape[0] else 0
     shape = raw[0].shape
+    offset = rows[0] * row_elems if rows else 0
+    if method.elementwise(job.params):  # no whole-tensor statistic: any state is unused
+        ctx = TensorContext(name=job.name, seed=seed, offset=offset)
+        out = merge_blocks(method, job.params, raw, has_base=job.base is not None, num_inputs=len(job.inputs),
+                           fisher_scale=job.fisher_scale, ctx=ctx, compute_dtype=compute, out_dtype=out_dtype,
+                           device=device)
+        raw.clear()
+        return out
+    # convert in place in the caller's list, so each stored-dtype buffer is freed as soon
+    # as its compute-dtype copy exists (peak: one extra tensor, not a second set)
     for i in range(len(raw)):
         raw[i] = raw[i].to(device=device, dtype=compute)
     tensors = list(raw)
@@ -184,7 +194,7 @@ def merge_unit(
     base = tensors.pop(0) if job.base is not None else None
     n = len(job.inputs)
     inputs, fisher = tensors[:n], _scaled_fisher(tensors[n:], job)
-    ctx = TensorContext(name=job.name, seed=seed, offset=rows[0] * row_elems if rows else 0)
+    ctx = TensorContext(name=job.name, seed=seed, offset=offset)
     kwargs: dict[str, Any] = {"fisher": fisher} if fisher else {}
     if state is not None:
         kwargs["state"] = state

@@ -1,0 +1,103 @@
+"""Elementwise merges over cache-sized blocks of a unit, in reused buffers.
+
+A unit (a whole tensor, or a block of its rows) is read in its stored dtypes. An elementwise
+method's result at an entry depends only on the inputs at that entry (``MergeMethod.elementwise``),
+so the unit is merged in flat blocks of ``block_numel`` entries: each block's sources are converted
+into compute-dtype buffers made once per unit, merged, and rounded straight into the output. No
+full-size compute-dtype copy of any input exists, and the working set stays in the CPU caches.
+
+A method may give a fused kernel (``MergeMethod.kernel``) that takes the stored-dtype blocks
+itself; otherwise its ``fn`` runs on each block. Either way the output is bit-identical to the
+method on the whole unit: every block op is the same elementwise IEEE operation, and the sums over
+the model dimension are taken over ``(models, n)`` blocks laid out as a fresh tensor would be,
+whose per-column order torch keeps whatever ``n`` is when blocks start at multiples of
+``block_numel`` (tests/test_blocks.py holds every method to it on awkward sizes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sar_dist.merge import ops
+from sar_dist.merge.base import MergeMethod, TensorContext
+
+CPU_BLOCK_NUMEL = 2**16
+"""Entries per block on the CPU: a block of every source of a SAR merge of three models, in float32,
+is about 2 MB, which stays in L2. Measured in bench/kernel_bench.py (``--block-sizes``)."""
+
+CUDA_BLOCK_NUMEL = 2**25
+"""Entries per block on a GPU: large enough that kernel launches do not dominate."""
+
+
+def block_numel(device: torch.device | str) -> int:
+    """The block size for ``device`` (a multiple of 1024, so blocks keep torch's vectorized layout)."""
+    return CUDA_BLOCK_NUMEL if torch.device(device).type == "cuda" else CPU_BLOCK_NUMEL
+
+
+def merge_blocks(
+    method: MergeMethod,
+    params: Any,
+    raw: Sequence[Tensor],
+    *,
+    has_base: bool,
+    num_inputs: int,
+    fisher_scale: Sequence[float],
+    ctx: TensorContext,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    device: str,
+    block: int | None = None,
+) -> Tensor:
+    """Merge one unit of an elementwise method block by block.
+
+    Args:
+        method: the registered method (``method.elementwise(params)`` holds).
+        params: its resolved parameters.
+        raw: the unit's sources as read (stored dtypes, CPU): base (if any), inputs, Fisher statistics.
+        has_base: whether ``raw[0]`` is the base.
+        num_inputs: how many non-base inputs follow it.
+        fisher_scale: per input, the factor that turns stored statistics into the method's F.
+        ctx: the unit's tensor context (``ctx.offset``: flat index of its first entry).
+        compute_dtype: the method's compute dtype.
+        out_dtype: the output dtype.
+        device: compute device.
+        block: entries per block (default :func:`block_numel`).
+
+    Returns:
+        The merged unit, in ``out_dtype``, on the CPU, shaped like ``raw[0]``.
+    """
+    shape = raw[0].shape
+    numel = raw[0].numel()
+    out = torch.empty(shape, dtype=out_dtype)
+    if numel == 0:
+        return out
+    step = block or block_numel(device)
+    if method.keyed_random:  # a keyed random block is generated from its start: never split one
+        step = -(-step // ops.BLOCK_NUMEL) * ops.BLOCK_NUMEL
+    flat = [r.reshape(-1) for r in raw]
+    flat_out = out.view(-1)
+    kernel = method.kernel(params, num_inputs, compute_dtype, device) if method.kernel is not None else None
+    first_input = 1 if has_base else 0
+    if kernel is None:
+        buffers = [torch.empty(min(step, numel), dtype=compute_dtype, device=device) for _ in flat]
+    for start in range(0, numel, step):
+        stop = min(numel, start + step)
+        block_ctx = TensorContext(name=ctx.name, seed=ctx.seed, offset=ctx.offset + start)
+        if kernel is not None:
+            blocks = [f[start:stop] for f in flat]
+            if torch.device(device).type != "cpu":
+                blocks = [b.to(device, non_blocking=True) for b in blocks]
+            result = kernel(blocks, block_ctx, fisher_scale)
+        else:
+            blocks = [buf[: stop - start].copy_(f[start:stop]) for buf, f in zip(buffers, flat, strict=True)]
+            base = blocks[0] if has_base else None
+            inputs = blocks[first_input:first_input + num_inputs]
+            fisher = [f.mul_(s) for f, s in zip(blocks[first_input + num_inputs:], fisher_scale, strict=True)]
+            kwargs: dict[str, Any] = {"fisher": fisher} if fisher else {}
+            result = method.fn(inputs, base, params, ctx=block_ctx, **kwargs)
+        flat_out[start:stop].copy_(result)
+    return out

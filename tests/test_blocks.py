@@ -1,0 +1,72 @@
+"""Elementwise merges in cache-sized flat blocks (``sar_dist.execute.blocks``) give the bits of
+the method on the whole unit: every elementwise method and preset, 1 to 5 models, float32 and
+bfloat16 compute, sizes that leave a short last block (down to one entry), and a keyed-random
+method whose blocks are then whole random blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sar_dist.execute.blocks import merge_blocks
+from sar_dist.merge.base import TensorContext
+from sar_dist.merge.registry import METHODS
+from tests.test_chunked_methods import make_inputs, params
+
+CTX = TensorContext(name="model.layers.0.mlp.up_proj.weight", seed=5, offset=0)
+CASES = [
+    ("linear", {"weight": 0.5}),
+    ("task_arithmetic", {"weight": 0.7}),
+    ("ties", {"weight": 1.0, "density": 1.0}),
+    ("dare_linear", {"weight": 1.0, "density": 0.6, "rescale": False}),
+    ("ram", {}),
+    ("sar", {}),
+    ("sar", {"arbitration": "fisher_elect", "eps": 1e-3}),
+    ("sar", {"arbitration": "fisher_mean", "weight": -0.5, "lambda": 1.5}),
+    ("fisher", {}),
+]
+
+
+def _whole(name, p, base, models, fisher, compute, out_dtype):
+    """The unit merged whole: inputs converted to the compute dtype, the method's fn, the output cast."""
+    m = METHODS[name]
+    kwargs = {"fisher": [f.to(compute) * 0.25 for f in fisher]} if fisher else {}
+    b = base.to(compute)
+    return m.fn([x.to(compute) for x in models], b if m.needs_base else None, p, ctx=CTX, **kwargs).to(out_dtype)
+
+
+@pytest.mark.parametrize("name,values", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+@pytest.mark.parametrize("num_models", [1, 2, 3, 5])
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_blocks_equal_whole(name, values, num_models, compute):
+    method = METHODS[name]
+    if num_models < method.min_models or (method.max_models and num_models > method.max_models):
+        pytest.skip("model count outside the method's range")
+    p = params(name, num_models, **values)
+    assert method.elementwise(p)
+    for numel in (1, 1023, 1024 * 3 + 1, 1024 * 5 + 517):
+        base, models = make_inputs((numel,), num_models, torch.bfloat16, seed=numel)
+        fisher = ([torch.rand(numel, generator=torch.Generator().manual_seed(i)) for i in range(num_models)]
+                  if method.needs_fisher else [])
+        if fisher:
+            fisher[0][::7] = 0.0
+        raw = ([base] if method.needs_base else []) + [*models, *fisher]  # as the planner orders sources
+        got = merge_blocks(method, p, list(raw), has_base=method.needs_base, num_inputs=num_models,
+                           fisher_scale=(0.25,) * len(fisher), ctx=CTX, compute_dtype=compute,
+                           out_dtype=torch.bfloat16, device="cpu", block=1024)
+        want = _whole(name, p, base, models, fisher, compute, torch.bfloat16)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (name, num_models, numel)
+
+
+def test_keyed_random_blocks_are_whole_random_blocks():
+    """DARE draws keyed random numbers per 2**20-entry block; a unit spanning two of them and a
+    block size below that still gives the whole unit's bits."""
+    method = METHODS["dare_linear"]
+    p = params("dare_linear", 2, weight=1.0, density=0.5, rescale=False)
+    numel = 2**20 + 3001
+    base, models = make_inputs((numel,), 2, torch.bfloat16, seed=1)
+    ctx = TensorContext(name=CTX.name, seed=CTX.seed, offset=4096)
+    got = merge_blocks(method, p, [base, *models], has_base=True, num_inputs=2, fisher_scale=(), ctx=ctx,
+                       compute_dtype=torch.float32, out_dtype=torch.bfloat16, device="cpu", block=1024)
+    want = method.fn([x.float() for x in models], base.float(), p, ctx=ctx).to(torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
