@@ -203,11 +203,6 @@ class MergeMethod:
             (``needs_pass()``, ``observe(tensors, base, ctx)`` per chunk in order, ``end_pass()``);
             ``fn(..., state=s)`` then merges the chunks in order, exactly as the whole tensor.
             Such tensors may also be processed in row chunks.
-        kernel: for an elementwise method, optionally ``kernel(params, num_inputs, compute_dtype,
-            device)`` returning a fused block function (or None where it does not apply):
-            ``f(blocks, ctx, fisher_scale)`` takes one flat block of every source in its stored
-            dtype (base, inputs, statistics) and returns the merged block in the compute dtype,
-            bit-identical to ``fn`` (``sar_dist.execute.blocks``).
         keyed_random: whether ``fn`` draws keyed random numbers (``ops.keyed_uniform``): blocks are
             then whole random blocks, which are generated from their start.
     """
@@ -223,7 +218,6 @@ class MergeMethod:
     max_models: int | None = None
     elementwise: Callable[[Any], bool] = lambda params: False
     state: Callable[..., Any] | None = None
-    kernel: Callable[..., Callable[..., Tensor] | None] | None = None
     keyed_random: bool = False
 
     def param_fields(self) -> Sequence[dataclasses.Field]:
