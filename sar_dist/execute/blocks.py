@@ -39,6 +39,12 @@ def block_numel(device: torch.device | str) -> int:
     return CUDA_BLOCK_NUMEL if torch.device(device).type == "cuda" else CPU_BLOCK_NUMEL
 
 
+def scale_fisher(stats: Sequence[Tensor], scales: Sequence[float]) -> list[Tensor]:
+    """Stored Fisher sums (compute dtype, scaled in place) -> the F a method takes
+    (``TensorJob.fisher_scale``: the mean, L2-normalised with ``fisher_norm: l2``)."""
+    return [f.mul_(s) for f, s in zip(stats, scales, strict=True)]
+
+
 def merge_blocks(
     method: MergeMethod,
     params: Any,
@@ -90,7 +96,7 @@ def merge_blocks(
         blocks = [buf[: stop - start].copy_(f[start:stop]) for buf, f in zip(buffers, flat, strict=True)]
         base = blocks[0] if has_base else None
         inputs = blocks[first_input:first_input + num_inputs]
-        fisher = [f.mul_(s) for f, s in zip(blocks[first_input + num_inputs:], fisher_scale, strict=True)]
+        fisher = scale_fisher(blocks[first_input + num_inputs:], fisher_scale)
         kwargs: dict[str, Any] = {"fisher": fisher} if fisher else {}
         result = method.fn(inputs, base, params, ctx=block_ctx, **kwargs)
         flat_out[start:stop].copy_(result)

@@ -5,8 +5,9 @@ elementwise method may process in pieces); the inputs of the next unit are read 
 background thread while the current one merges (bounded prefetch of one unit; a unit's
 ranges are fetched with several requests in flight, ``Storage.read_many``), and the
 result streams into the shard file. A unit of an elementwise method is merged in cache-sized
-flat blocks with reused buffers (``execute/blocks.py``): no full-size compute-dtype copies. The shard is visible only when complete; then a
-receipt records its size and sha256 so a rerun can skip it.
+flat blocks with reused buffers (``execute/blocks.py``): no full-size compute-dtype copies. The
+shard is visible only when complete; then a receipt records its size and sha256 so a rerun can
+skip it.
 
 Non-finite values stop the task (``sar_dist.finite``, unless the job allows them): every
 floating-point block is checked as it is read, on the prefetch thread (beside the merge of the
@@ -30,7 +31,7 @@ import torch
 from sar_dist.checkpoint.format import DTYPES
 from sar_dist.checkpoint.reader import read_tensors
 from sar_dist.checkpoint.writer import ShardWriter
-from sar_dist.execute.blocks import merge_blocks
+from sar_dist.execute.blocks import merge_blocks, scale_fisher
 from sar_dist.finite import NonFiniteError, check_finite
 from sar_dist.merge.base import MergeMethod, TensorContext
 from sar_dist.merge.registry import get_method
@@ -121,18 +122,13 @@ def gather_state(
             ctx = TensorContext(name=job.name, seed=seed, offset=(rows[0] if rows else 0) * row_elems)
             n = len(job.inputs)
             if job.fisher:
-                state.observe(tensors[:n], base, ctx, fisher=_scaled_fisher(tensors[n:], job))
+                state.observe(tensors[:n], base, ctx, fisher=scale_fisher(tensors[n:], job.fisher_scale))
             else:
                 state.observe(tensors[:n], base, ctx)
             del tensors, base
         state.end_pass()
         checked, check = checked or check, False  # the blocks do not change between passes
     return state, checked
-
-
-def _scaled_fisher(stats: list[torch.Tensor], job: TensorJob) -> list[torch.Tensor]:
-    """Stored Fisher sums (compute dtype) -> the F the method takes (``TensorJob.fisher_scale``)."""
-    return [f.mul_(scale) for f, scale in zip(stats, job.fisher_scale, strict=True)]
 
 
 def _one_thread() -> None:
@@ -193,7 +189,7 @@ def merge_unit(
     raw.clear()
     base = tensors.pop(0) if job.base is not None else None
     n = len(job.inputs)
-    inputs, fisher = tensors[:n], _scaled_fisher(tensors[n:], job)
+    inputs, fisher = tensors[:n], scale_fisher(tensors[n:], job.fisher_scale)
     ctx = TensorContext(name=job.name, seed=seed, offset=offset)
     kwargs: dict[str, Any] = {"fisher": fisher} if fisher else {}
     if state is not None:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sar_dist.checkpoint.format import pack_in_order
+from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES, pack_in_order
 from sar_dist.checkpoint.index import CheckpointIndex, content_fingerprint, open_checkpoint, read_json
 from sar_dist.fisher.config import FisherJob
 from sar_dist.fisher.data import CalibrationData, load_examples
@@ -167,7 +167,7 @@ def build_fisher_plan(job: FisherJob) -> FisherPlan:
     )
     return FisherPlan(job=job, storage=storage, checkpoint=checkpoint, model_config=model_config, data=data,
                       parts=parts, job_id=job_id, tied=tied,
-                      shards=_pack_shards(checkpoint, job.out_shard_size, 2 if job.stats_dtype == "bfloat16" else 4),
+                      shards=_pack_shards(checkpoint, job.out_shard_size, DTYPES[DTYPE_NAMES[job.stats_dtype]][1]),
                       model_content=model_content)
 
 

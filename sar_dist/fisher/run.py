@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sar_dist.checkpoint.format import order_for_writing
+from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES, order_for_writing
 from sar_dist.checkpoint.index import open_checkpoint, read_json
 from sar_dist.checkpoint.reader import read_tensor
 from sar_dist.checkpoint.writer import ShardWriter
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 REDUCE_BLOCK_BYTES = 256 * 2**20  # one part's row block; the sum holds another
-STATS_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}  # stats_dtype -> safetensors dtype
 
 
 class ClusterTooSmall(ValueError):
@@ -410,8 +409,8 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
     assert num_examples == len(plan.data.examples), (num_examples, len(plan.data.examples))
     part_urls = [p.url for p in plan.parts]
     shapes = plan.shapes
-    st_dtype = STATS_ST_DTYPES[job.stats_dtype]
-    itemsize = 2 if st_dtype == "BF16" else 4
+    st_dtype = DTYPE_NAMES[job.stats_dtype]
+    itemsize = DTYPES[st_dtype][1]
     remote = ray.remote(reduce_shard)
     refs = {}
     for file, names in plan.shards.items():

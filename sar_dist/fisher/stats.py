@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sar_dist.checkpoint.format import DTYPE_NAMES
 from sar_dist.checkpoint.index import CheckpointIndex, content_fingerprint, layout_problems, open_checkpoint, read_json
+from sar_dist.fisher.config import STATS_DTYPES
 from sar_dist.fisher.plan import FORMAT_VERSION, MANIFEST, STATS_STEM
 from sar_dist.storage import Storage, display_url, join
 
@@ -67,7 +69,7 @@ def open_fisher(storage: Storage, url: str, model: CheckpointIndex) -> FisherSta
         )
     problems = layout_problems(f"model {display_url(model.url)}", model, index, "fisher statistics", dtypes=False)
     stats_dtype = manifest.get("stats_dtype", "float32")  # absent: written before stats_dtype existed
-    want = {"float32": "F32", "bfloat16": "BF16"}.get(stats_dtype)
+    want = DTYPE_NAMES.get(stats_dtype) if stats_dtype in STATS_DTYPES else None
     if want is None:
         raise ValueError(f"{where}: {MANIFEST} has stats_dtype {stats_dtype!r}; this sar-dist reads "
                          f"float32 or bfloat16")
