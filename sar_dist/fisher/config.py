@@ -199,20 +199,28 @@ class FisherJob:
         bucket: with one example per step the whole gradient goes through that bucket, and
         on CPU (gloo) the fixed size cost 27% more time and up to 1.2 GiB more per rank on a 121M
         model (bench/README.md).
+
+        How much of the model a rank keeps gathered is bounded the same way: DeepSpeed keeps a
+        gathered parameter until ``stage3_max_reuse_distance`` elements (default 1e9) have gone
+        by without its reuse, and prefetches up to ``stage3_max_live_parameters`` (1e9). Both
+        exceed models of up to a billion parameters, so a rank held the whole model gathered
+        and its peak did not fall with ranks (bench/README.md, "Fisher memory per rank"). Both
+        are set to the prefetch bucket: a rank holds about the layer it runs and the next.
+
+        The engine is built without an optimizer (``worker.py``), so no optimizer settings.
         """
         zero: dict[str, Any] = {"stage": 3}
         if hidden_size:
+            bucket = int(0.9 * hidden_size * hidden_size)
             zero.update(reduce_bucket_size=hidden_size * hidden_size,
-                        stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+                        stage3_prefetch_bucket_size=bucket,
+                        stage3_max_live_parameters=bucket,
+                        stage3_max_reuse_distance=bucket,
                         stage3_param_persistence_threshold=10 * hidden_size)
         ours: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
-            "zero_allow_untested_optimizer": True,  # a zero-lr SGD that never steps
             "zero_optimization": zero,
-            # squared gradients of successive steps are summed in DeepSpeed's gradient
-            # partitions: in float32 whatever the parameter dtype
-            "data_types": {"grad_accum_dtype": "fp32"},
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }

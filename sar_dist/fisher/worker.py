@@ -2,20 +2,25 @@
 
 A group of ``R`` ranks shares one sharded copy of the model. At every step each rank runs
 its own example (micro-batch 1), and the statistic wanted is the SUM over examples of the
-squared per-example gradient. Two traps:
+squared per-example gradient.
 
-* ZeRO-3 reduce-scatters gradients as the cross-rank MEAN, so the partition a rank holds
-  after ``backward`` is ``(1/R) sum_r g_r``; squaring it gives the square of a mean. A hook on
-  each parameter replaces the gradient by ``R * g_r**2`` *before* DeepSpeed reduces it, so the
-  reduced partition is ``(1/R) sum_r R g_r**2 = sum_r g_r**2``.
-* The optimizer never steps: the statistics are taken at the given weights. DeepSpeed needs
-  one to run ``backward``; it gets a zero-lr SGD that is never called.
+DeepSpeed's ZeRO-3 optimizer would reduce-scatter gradients as the cross-rank MEAN (the
+square of a mean is not wanted) and brings state this stage never uses: a float32 master
+copy of the partitions, a transient gradient buffer, reduce buckets, gradient partitions.
+So the engine is built WITHOUT an optimizer: DeepSpeed then sets up only its parameter
+partitioning (gather a module's parameters before it runs, forward or backward; release
+them after). A hook on each parameter takes its gradient as soon as autograd has it (the
+parameter is gathered then), squares it in float32 one partition at a time and sums each
+partition onto its rank (``reduce_squares``), where it is added into a float32 accumulator
+of partition size; the gradient is dropped at once. The optimizer never exists: the
+statistics are taken at the given weights.
 
-Each rank adds its reduced partition into a float32 accumulator of partition size after every
-step and clears DeepSpeed's gradient buffers (whose own accumulation would run in the
-parameter dtype). Weights are loaded sharded: every rank range-reads only its own partition
-of each tensor from the checkpoint. At the end each statistics tensor is gathered to the
-rank that owns it (one tensor at a time) and streamed into that rank's shard of the part.
+Per rank this leaves: fixed memory (imports, buffers, the persistent small parameters, at
+most ``stage3_max_live_parameters`` gathered elements and one parameter's gradient) plus
+(weights + float32 accumulators) / R. Weights are loaded sharded: every rank range-reads
+only its own partition of each tensor from the checkpoint. At the end each statistics
+tensor is gathered to the rank that owns it (one tensor at a time) and streamed into that
+rank's shard of the part.
 
 Non-finite values stop the rank with a ``NonFiniteError`` (``sar_dist.finite``; the driver
 never retries it), unless the job allows them: a weight as it is loaded (naming the tensor),
@@ -37,7 +42,7 @@ import os
 import time
 import warnings
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -208,6 +213,7 @@ class Counts:
     targets: int = 0
     tokens: int = 0
     compute_s: float = 0.0
+    memory: dict[str, int] = field(default_factory=dict)
 
 
 def _device(spec: PartSpec) -> torch.device:
@@ -271,65 +277,109 @@ def _accumulate_torch(spec: PartSpec, progress: MutableMapping[str, Any]) -> tup
     ZeRO-3 over a single rank shards nothing and still reduce-scatters every gradient through
     gloo (measured: 0.7 s per example on a 121M-parameter model, more than the forward and
     backward themselves), so a one-rank group runs without DeepSpeed unless its config asks
-    for it. After each backward, ``acc += grad**2`` in float32 (one fused pass) and the
-    gradient is dropped.
+    for it. As soon as autograd has a parameter's gradient, ``acc += grad**2`` in float32 (one
+    fused pass) and the gradient is dropped: at most the gradients autograd is still
+    producing are alive, never a whole-model set.
     """
     storage = Storage(spec.storage_options)
     checkpoint = open_checkpoint(storage, spec.model_url)
     device = _device(spec)
     model = build_model(None, spec.model_config, DTYPES[DTYPE_NAMES[spec.dtype]][0], device=device)
+    memory = {"built": _rss_bytes()}
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for p, name in _params_to_load(spec, params):
             p.copy_(_load_weight(spec, storage, checkpoint.tensors[name], name, 0, p.numel()).view(p.shape))
+    memory.update(loaded=_rss_bytes(), engine=_rss_bytes())
     model.eval()  # no dropout: statistics at the given model, deterministic
     unique = dict(model.named_parameters())
     acc = {id(p): torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in unique.values()}
 
-    def backward(ll: torch.Tensor) -> None:
-        ll.backward()
-        for p in unique.values():
-            g = p.grad.reshape(-1).float()
-            acc[id(p)].addcmul_(g, g)
-            p.grad = None
+    def consume(p: torch.nn.Parameter) -> None:
+        # runs once per parameter and backward, after autograd summed every use (tied weights)
+        g = p.grad.reshape(-1).float()
+        acc[id(p)].addcmul_(g, g)
+        p.grad = None
 
-    counts = _loop(spec, model, backward, rank=0, world=1, progress=progress)
+    for p in unique.values():
+        p.register_post_accumulate_grad_hook(consume)
+    counts = _loop(spec, model, lambda ll: ll.backward(), rank=0, world=1, progress=progress)
+    counts.memory = {**memory, "after_loop": _rss_bytes(), "peak": _peak_rss_bytes()}
     return {name: acc[id(p)] for name, p in params.items()}, counts
 
 
 def _accumulate_zero3(spec: PartSpec, deepspeed: Any, *, rank: int, world: int,
                       progress: MutableMapping[str, Any]) -> tuple[dict[str, torch.Tensor], Counts]:
-    """A ZeRO-3 rank: its partition of every parameter, the sum of squares over the group."""
+    """A ZeRO-3 rank: its partition of every parameter, the sum of squares over the group.
+
+    The engine is built without an optimizer, so DeepSpeed sets up only its parameter
+    partitioning (``DeepSpeedZeRoOffload``: gather before a module runs, forward or backward,
+    release after) and none of the ZeRO-3 optimizer's state: no float32 master copy of the
+    partitions, no transient gradient buffer of partition size in ``initialize_optimizer_states``,
+    no reduce buckets, no gradient partitions in the parameter dtype. Each parameter's gradient
+    is taken by a hook as soon as autograd has it (while the parameter is gathered) and reduced
+    here: ``reduce_squares``.
+    """
     storage = Storage(spec.storage_options)
     checkpoint = open_checkpoint(storage, spec.model_url)
     model = build_model(deepspeed, spec.model_config, DTYPES[DTYPE_NAMES[spec.dtype]][0], spec.deepspeed)
+    memory = {"built": _rss_bytes()}
     params = dict(model.named_parameters(remove_duplicate=False))
     # sharded load: each rank range-reads its own slice of each flattened tensor into its
-    # partition, before the engine copies partitions into its flat buffers
+    # partition (the engine keeps these partitions as they are: no optimizer flattens them)
     for p, name in _params_to_load(spec, params):
         start, end = _flat_range(p.ds_numel, rank, world)
         p.ds_tensor.data[: end - start].copy_(_load_weight(spec, storage, checkpoint.tensors[name], name, start, end))
+    memory["loaded"] = _rss_bytes()
     unique = dict(model.named_parameters())
+    device = _device(spec)
+    # padded to the partition size, so the final gathers have equal pieces
+    acc = {id(p): torch.zeros(math.ceil(p.ds_numel / world), dtype=torch.float32, device=device)
+           for p in unique.values()}
+    import torch.distributed as dist
+
+    def consume(p: torch.nn.Parameter) -> None:
+        reduce_squares(p.grad, acc[id(p)], dist, rank=rank, world=world)
+        p.grad = None
+
     for p in unique.values():
-        p.register_hook(_square_hook(world))
-    optimizer = torch.optim.SGD(unique.values(), lr=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=spec.deepspeed)
+        p.register_post_accumulate_grad_hook(consume)
+    engine, *_ = deepspeed.initialize(model=model, config=spec.deepspeed)
     engine.module.eval()  # no dropout: statistics at the given model, deterministic
-    _drop_master_weights(engine.optimizer)
-    counts = _loop(spec, engine, engine.backward, rank=rank, world=world, progress=progress)
-    # DeepSpeed summed the reduced squares of every step into this rank's float32 gradient
-    # partitions (gradient accumulation in grad_accum_dtype fp32; the optimizer never steps)
-    acc = {id(p): deepspeed.utils.safe_get_local_grad(p).clone() for p in unique.values()}
-    del engine, optimizer
+    memory["engine"] = _rss_bytes()
+    # the module itself, not the engine: the engine's forward hooks the output for its own
+    # backward (which needs an optimizer); the gather/release hooks sit on the module
+    counts = _loop(spec, engine.module, lambda ll: ll.backward(), rank=rank, world=world, progress=progress)
+    counts.memory = {**memory, "after_loop": _rss_bytes(), "peak": _peak_rss_bytes()}
+    engine.destroy()
     return {name: acc[id(p)] for name, p in params.items()}, counts
 
 
-def _drop_master_weights(optimizer: Any) -> None:
-    """Free ZeRO-3's float32 master copy of this rank's partitions: it only serves
-    ``step()``, which never runs here (a quarter of a rank's memory for float32 models)."""
-    for flat in getattr(optimizer, "fp32_partitioned_groups_flat", None) or []:
-        if isinstance(flat, torch.Tensor) and flat.numel():
-            flat.data = torch.empty(0, dtype=flat.dtype, device=flat.device)
+def reduce_squares(grad: torch.Tensor, acc: torch.Tensor, dist: Any, *, rank: int, world: int) -> None:
+    """Add ``sum_r grad_r**2`` over the group's ranks, this rank's partition of it, into ``acc``.
+
+    Each rank holds its own example's whole gradient of one (gathered) parameter. The squares
+    are formed in float32 one partition at a time and summed onto the partition's rank with a
+    ``reduce`` (gloo has no reduce-scatter), so the transient is one partition of one parameter
+    in float32, whatever the model size.
+
+    Args:
+        grad: this rank's gradient of one parameter (any shape, the parameter's dtype).
+        acc: this rank's float32 accumulator, ``ceil(numel / world)`` elements.
+        dist: ``torch.distributed``, initialised.
+        rank, world: this rank and the group's size.
+    """
+    flat = grad.reshape(-1)
+    numel = flat.numel()
+    for r in range(world):
+        start, end = _flat_range(numel, r, world)
+        if end == start:
+            continue  # every rank skips the same empty partitions: the reduces still pair up
+        piece = flat[start:end].float().square()
+        if world > 1:
+            dist.reduce(piece, dst=r)
+        if r == rank:
+            acc[: end - start].add_(piece)
 
 
 def _params_to_load(spec: PartSpec, params: dict[str, torch.nn.Parameter]):
@@ -351,18 +401,20 @@ def _finish(spec: PartSpec, acc: dict[str, torch.Tensor], counts: Counts, *, dis
     totals = torch.tensor([counts.examples, counts.targets, counts.tokens], dtype=torch.int64)
     rss = torch.zeros(world, dtype=torch.int64)
     rss[rank] = _peak_rss_bytes()
-    nodes = [node]
+    nodes, memory = [node], [counts.memory]
     if world > 1:
         dist.all_reduce(totals)
         dist.all_reduce(rss)
-        nodes = [None] * world
+        nodes, memory = [None] * world, [None] * world
         dist.all_gather_object(nodes, node)
+        dist.all_gather_object(memory, counts.memory)
     _write_part(spec, storage, dist, acc, rank=rank, world=world)
     if world > 1:
         dist.barrier()
     result = {"part": spec.part, "num_examples": int(totals[0]), "num_targets": int(totals[1]),
               "num_tokens": int(totals[2]), "compute_s": round(counts.compute_s, 3),
-              "peak_rss_bytes": [int(x) for x in rss], "engine": spec.engine, "nodes": nodes}
+              "peak_rss_bytes": [int(x) for x in rss], "engine": spec.engine, "nodes": nodes,
+              "memory": memory}
     if rank == 0:
         index = {"metadata": {"total_size": sum(4 * math.prod(s.shape) for s in spec.slots)},
                  "weight_map": {s.name: spec.files[s.owner] for s in spec.slots}}
@@ -373,12 +425,17 @@ def _finish(spec: PartSpec, acc: dict[str, torch.Tensor], counts: Counts, *, dis
     return result
 
 
-def _square_hook(world: int):
-    """``g -> world * g**2``: ZeRO-3 then averages over the ``world`` ranks, leaving the sum of
-    the ranks' per-example squares (one new tensor, one in-place scale)."""
-    if world == 1:
-        return torch.square
-    return lambda g: torch.square(g).mul_(float(world))
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``; else the peak so far).
+
+    Recorded per rank at the phases of a part (``memory`` in ``part.json``: built, loaded,
+    engine, after_loop, peak), so a benchmark can split a rank's peak into its parts.
+    """
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return _peak_rss_bytes()
 
 
 def _peak_rss_bytes() -> int:
