@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from sar_dist.checkpoint.format import DTYPE_NAMES, DTYPES, pack_in_order
 from sar_dist.checkpoint.index import CheckpointIndex, content_fingerprint, open_checkpoint, read_json
 from sar_dist.fisher.config import FisherJob
 from sar_dist.fisher.data import CalibrationData, load_examples
+from sar_dist.fisher.mapping import ParamView, checkpoint_views
 from sar_dist.fisher.types import PartSpec, TensorSlot
 from sar_dist.storage import Storage, display_url, join
 
@@ -68,7 +70,6 @@ def model_parameters(model_config: dict[str, Any], where: str) -> tuple[dict[str
     Raises:
         ValueError: unknown ``model_type`` or a class transformers cannot build.
     """
-    import torch
     import transformers
 
     config = dict(model_config)
@@ -80,8 +81,7 @@ def model_parameters(model_config: dict[str, Any], where: str) -> tuple[dict[str
         model_cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config_obj)]
     except (ValueError, KeyError) as e:
         raise ValueError(f"{where}: transformers has no causal LM for model_type {model_type!r} ({e})") from None
-    with torch.device("meta"):
-        model = model_cls._from_config(config_obj)
+    model = _meta_model(model_cls, config_obj)
     canonical = {id(p): n for n, p in model.named_parameters()}
     names: dict[str, tuple[int, ...]] = {}
     tied: dict[str, str] = {}
@@ -90,6 +90,23 @@ def model_parameters(model_config: dict[str, Any], where: str) -> tuple[dict[str
         if canonical[id(p)] != n:
             tied[n] = canonical[id(p)]
     return names, tied
+
+
+def _meta_model(model_cls: Any, config_obj: Any) -> Any:
+    import torch
+
+    with torch.device("meta"):
+        return model_cls._from_config(config_obj)
+
+
+def fused_views(model_config: dict[str, Any], where: str) -> dict[str, ParamView]:
+    """Checkpoint tensors that are views of fused parameters (``mapping.checkpoint_views``)."""
+    import transformers
+
+    config = dict(model_config)
+    config_obj = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    model = _meta_model(transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config_obj)], config_obj)
+    return checkpoint_views(model, where)
 
 
 def build_fisher_plan(job: FisherJob) -> FisherPlan:
@@ -105,11 +122,24 @@ def build_fisher_plan(job: FisherJob) -> FisherPlan:
     if model_config is None:
         raise ValueError(f"model {where}: no config.json (needed to build the model for the Fisher pass)")
     params, tied = model_parameters(model_config, f"model {where}")
+    views = fused_views(model_config, where) if any(n not in params for n in checkpoint.tensors) else {}
 
     # every checkpoint tensor gets statistics; every parameter must come from the checkpoint
     slots_param: dict[str, str | None] = {}
+    slots_view: dict[str, tuple[int, tuple[int, ...]]] = {}
+    fused_elements: dict[str, int] = {}
     for name, ref in checkpoint.tensors.items():
-        if name in params:
+        if name in views and name not in params:
+            view = views[name]
+            if tuple(ref.info.shape) != view.shape:
+                raise ValueError(f"model {where}: tensor '{name}' has shape {list(ref.info.shape)}, "
+                                 f"its config.json builds {list(view.shape)} (part of '{view.param}')")
+            if not ref.info.torch_dtype.is_floating_point:
+                raise ValueError(f"model {where}: parameter '{name}' is stored as {ref.info.dtype}, not a float")
+            slots_param[name] = view.param
+            slots_view[name] = (view.offset, view.strides)
+            fused_elements[view.param] = fused_elements.get(view.param, 0) + ref.info.numel
+        elif name in params:
             if tuple(ref.info.shape) != params[name]:
                 raise ValueError(f"model {where}: tensor '{name}' has shape {list(ref.info.shape)}, "
                                  f"its config.json builds {list(params[name])}")
@@ -118,7 +148,9 @@ def build_fisher_plan(job: FisherJob) -> FisherPlan:
             slots_param[name] = tied.get(name, name)
         else:
             slots_param[name] = None  # a stored buffer: zeros
-    covered = {p for p in slots_param.values() if p is not None}
+    # a fused parameter is covered when all of its checkpoint tensors are there
+    covered = {p for n, p in slots_param.items() if p is not None and n not in slots_view}
+    covered |= {p for p, k in fused_elements.items() if k == math.prod(params[p])}
     missing = [n for n in params if tied.get(n, n) not in covered]
     if missing:
         raise ValueError(f"model {where}: parameter '{missing[0]}' of the model class has no tensor in the checkpoint")
@@ -141,7 +173,8 @@ def build_fisher_plan(job: FisherJob) -> FisherPlan:
     owners = _assign_owners(checkpoint, world)
     files = {r: f"{STATS_STEM}-{r + 1:05d}-of-{world:05d}.safetensors" for r in sorted(set(owners.values()))}
     slots = tuple(
-        TensorSlot(name=n, shape=tuple(r.info.shape), param=slots_param[n], owner=owners[n])
+        TensorSlot(name=n, shape=tuple(r.info.shape), param=slots_param[n], owner=owners[n],
+                   view=slots_view.get(n))
         for n, r in checkpoint.tensors.items()
     )
     parts = tuple(

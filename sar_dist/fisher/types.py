@@ -41,12 +41,16 @@ class TensorSlot:
         param: the model parameter it is (tied names share one); None for a checkpoint
             tensor that is no parameter (a stored buffer): its statistics are zeros.
         owner: the rank that gathers and writes it.
+        view: ``(storage offset, strides)`` of this tensor in the flattened ``param`` when the
+            model class holds it fused with others (``sar_dist.fisher.mapping``); None when
+            the tensor is the parameter itself.
     """
 
     name: str
     shape: tuple[int, ...]
     param: str | None
     owner: int
+    view: tuple[int, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

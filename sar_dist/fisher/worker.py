@@ -288,8 +288,8 @@ def _accumulate_torch(spec: PartSpec, progress: MutableMapping[str, Any]) -> tup
     memory = {"built": _rss_bytes()}
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for p, name in _params_to_load(spec, params):
-            p.copy_(_load_weight(spec, storage, checkpoint.tensors[name], name, 0, p.numel()).view(p.shape))
+        for p, slots in _params_to_load(spec, params):
+            p.copy_(_load_param(spec, storage, checkpoint, slots, p.numel(), 0, p.numel()).view(p.shape))
     memory.update(loaded=_rss_bytes(), engine=_rss_bytes())
     model.eval()  # no dropout: statistics at the given model, deterministic
     unique = dict(model.named_parameters())
@@ -327,9 +327,9 @@ def _accumulate_zero3(spec: PartSpec, deepspeed: Any, *, rank: int, world: int,
     params = dict(model.named_parameters(remove_duplicate=False))
     # sharded load: each rank range-reads its own slice of each flattened tensor into its
     # partition (the engine keeps these partitions as they are: no optimizer flattens them)
-    for p, name in _params_to_load(spec, params):
+    for p, slots in _params_to_load(spec, params):
         start, end = _flat_range(p.ds_numel, rank, world)
-        p.ds_tensor.data[: end - start].copy_(_load_weight(spec, storage, checkpoint.tensors[name], name, start, end))
+        p.ds_tensor.data[: end - start].copy_(_load_param(spec, storage, checkpoint, slots, p.ds_numel, start, end))
     memory["loaded"] = _rss_bytes()
     unique = dict(model.named_parameters())
     device = _device(spec)
@@ -383,15 +383,42 @@ def reduce_squares(grad: torch.Tensor, acc: torch.Tensor, dist: Any, *, rank: in
 
 
 def _params_to_load(spec: PartSpec, params: dict[str, torch.nn.Parameter]):
-    """(parameter, checkpoint tensor) pairs, each parameter once (tied names share one)."""
-    seen: set[int] = set()
+    """(parameter, checkpoint slots) pairs, each parameter once: one slot for a parameter
+    stored as it is (tied names share the first), every slot of a fused parameter."""
+    by_param: dict[int, list[TensorSlot]] = {}
     for slot in spec.slots:
-        if slot.param is None or id(params[slot.param]) in seen:
+        if slot.param is None:
             continue
-        seen.add(id(params[slot.param]))
-        yield params[slot.param], slot.name
-    missing = [n for n, p in params.items() if id(p) not in seen]
+        slots = by_param.setdefault(id(params[slot.param]), [])
+        if slot.view is not None or not slots:
+            slots.append(slot)
+    missing = [n for n, p in params.items() if id(p) not in by_param]
     assert not missing, f"parameters with no checkpoint tensor: {missing[:3]}"
+    unique = {id(p): p for p in params.values()}
+    for key, slots in by_param.items():
+        yield unique[key], slots
+
+
+def _load_param(spec: PartSpec, storage: Storage, checkpoint: Any, slots: list[TensorSlot], numel: int,
+                start: int, end: int) -> torch.Tensor:
+    """Elements ``[start, end)`` of a flattened parameter from its checkpoint tensor(s).
+
+    A parameter stored as it is is range-read. A fused one (``slot.view``: MoE experts) is
+    assembled from its checkpoint tensors, one at a time, into one transient copy of the
+    parameter, of which the slice is returned: the transient is the largest fused
+    parameter, not the model.
+    """
+    if slots[0].view is None:
+        return _load_weight(spec, storage, checkpoint.tensors[slots[0].name], slots[0].name, start, end)
+    full = None
+    for slot in slots:
+        ref = checkpoint.tensors[slot.name]
+        piece = _load_weight(spec, storage, ref, slot.name, 0, ref.info.numel).view(slot.shape)
+        if full is None:
+            full = torch.empty(numel, dtype=piece.dtype)
+        offset, strides = slot.view
+        torch.as_strided(full, slot.shape, strides, offset).copy_(piece)
+    return full[start:end].clone()
 
 
 def _finish(spec: PartSpec, acc: dict[str, torch.Tensor], counts: Counts, *, dist: Any, rank: int,
@@ -467,15 +494,24 @@ def _write_part(spec: PartSpec, storage: Storage, dist: Any, acc: dict[str, torc
                 if slot.param is None:  # a stored buffer: no gradient
                     full = torch.zeros(shape, dtype=torch.float32) if mine else None
                 elif world == 1:
-                    full = acc[slot.param].cpu()[:numel].view(shape)
+                    full = _cut(acc[slot.param].cpu(), slot, numel, shape)
                 else:
                     local = acc[slot.param].cpu()
                     bucket = [torch.empty_like(local) for _ in range(world)] if mine else None
                     dist.gather(local, gather_list=bucket, dst=owner)
-                    full = torch.cat(bucket)[:numel].view(shape) if mine else None
+                    full = _cut(torch.cat(bucket), slot, numel, shape) if mine else None
                 if mine:
                     if not spec.allow_nonfinite and slot.param is not None:
                         check_finite(full, f"statistics of part {spec.part} ({spec.examples_text()})", name,
                                      note="the squared gradients overflowed float32 or an example's gradient is "
                                           "non-finite (its loss was finite)")
                     writer.write(name, full)
+
+
+def _cut(flat: torch.Tensor, slot: TensorSlot, numel: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The statistics of checkpoint tensor ``slot`` from its parameter's flat statistics:
+    the tensor itself, or its strided view of a fused parameter (squares are elementwise)."""
+    if slot.view is None:
+        return flat[:numel].view(shape)
+    offset, strides = slot.view
+    return torch.as_strided(flat, shape, strides, offset).contiguous()
