@@ -248,3 +248,99 @@ def test_sar_refuses_statistics_of_another_model(tmp_path, tiny_models, fisher_d
     path.write_text(yaml.safe_dump(cfg))
     assert cli_main(["merge", str(path), "--executor", "local"]) == 2
     assert "'vote' is not one of sensitivity" in capsys.readouterr().err
+
+
+def _old_sar_update(tensors, base, p, fisher):
+    """sar_update as it was before the sparse path (commit 37e8715), kept as the bit reference."""
+    t = torch.stack([(x - base).mul_(w) for x, w in zip(tensors, p.weights, strict=True)])
+    m = t.abs() > p.eps
+    t.mul_(m)
+    f = torch.stack([fk.clamp_min(p.fisher_floor) for fk in fisher]) * m
+    count = m.sum(dim=0)
+    ft = f * t
+    sum_ft = ft.sum(dim=0)
+    sum_f = f.sum(dim=0)
+    mean = torch.where(count > 0, sum_ft / torch.where(sum_f > 0, sum_f, torch.ones_like(sum_f)), torch.zeros_like(sum_f))
+    if p.arbitration == "fisher_mean":
+        update = mean
+    elif p.arbitration == "fisher_elect":
+        elected = torch.sign(sum_ft)
+        agree = m & (torch.sign(t) == elected)
+        fa = f * agree
+        den = fa.sum(dim=0)
+        update = torch.where(den > 0, (fa * t).sum(dim=0) / torch.where(den > 0, den, torch.ones_like(den)),
+                             torch.zeros_like(den))
+    else:
+        positive = ((t > 0) & m).sum(dim=0)
+        negative = ((t < 0) & m).sum(dim=0)
+        conflict = (positive > 0) & (negative > 0)
+        s = torch.where(m, f * t * t, torch.full_like(t, -1.0))
+        winner = s.argmax(dim=0, keepdim=True)
+        strongest = t.gather(0, winner).squeeze(0)
+        update = torch.where(conflict, strongest, mean)
+    return torch.where(count == 1, t.sum(dim=0), update)
+
+
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _same_bits(got, want) -> bool:
+    """Bit-identical, except that a NaN (from NaN or infinite inputs) may carry another sign or payload."""
+    nan = want.isnan()
+    bits = _BITS[want.dtype]
+    return (got.dtype == want.dtype and torch.equal(got.isnan(), nan)
+            and torch.equal(got[~nan].view(bits), want[~nan].view(bits)))
+
+
+def _sparse_inputs(k: int, numel: int, density: float, dtype, seed: int, special: bool = False):
+    """Base, k models changing about ``density`` of the entries, raw Fisher; with planted exact ties
+    (two models with equal t and F, and with opposite t), a zero Fisher, and -0.0 / +0.0 bases."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=g).to(dtype)
+    base[::11] = -0.0
+    base[1::11] = 0.0
+    models, fishers = [], []
+    for _ in range(k):
+        delta = torch.randn(numel, generator=g) * torch.logspace(-4, -1, numel)
+        changed = torch.rand(numel, generator=g) < density
+        models.append(torch.where(changed, (base.double() + delta).to(dtype), base))
+        fishers.append(torch.rand(numel, generator=g).to(dtype))
+    fishers[0][::7] = 0.0
+    if k >= 2:
+        models[1][2::5] = models[0][2::5]  # equal t, equal F: an exact tie in s
+        fishers[1][2::5] = fishers[0][2::5]
+        models[1][3::5] = (2 * base[3::5].double() - models[0][3::5].double()).to(dtype)  # about -t_0
+        fishers[1][3::5] = fishers[0][3::5]
+        models[0][::13] = 0.0  # +0.0 against a -0.0 base
+    if special:
+        base[5::97] = float("inf")
+        models[0][6::89] = float("nan")
+        models[-1][7::83] = float("-inf")
+    return base, models, fishers
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("arbitration", ["sensitivity", "fisher_mean", "fisher_elect"])
+def test_sparse_sar_update_is_bit_identical_to_the_dense_formulas(compute, arbitration):
+    from sar_dist.merge.methods.sar import sar_update
+    for k in range(1, 7):
+        mixed = tuple((-0.5, 0.0, 1.5, 1.0, -2.0, 0.25)[:k])  # negative and zero weights
+        for weights, eps, floor in (((1.0,) * k, 0.0, 1e-30), (mixed, 1e-3, 0.0)):
+            p = SarParams(weights=weights, eps=eps, fisher_floor=floor, arbitration=arbitration)
+            cases = [(n, d) for n in (1, 1023, 3073) for d in (0.0, 0.05, 0.5, 1.0)] + [(65537, 0.05)]
+            for numel, density in cases:
+                special = numel == 3073 and density == 0.5
+                base, models, fishers = _sparse_inputs(k, numel, density, compute, seed=numel + k, special=special)
+                want = _old_sar_update([x.clone() for x in models], base, p, fishers)
+                got = sar_update(models, base, p, fishers)
+                assert _same_bits(got, want), (k, weights, eps, numel, density)
+                if numel != 3073 or density != 0.05:
+                    continue
+                # and sar's base + lambda * update, whole and density < 1
+                for density_kept in (1.0, 0.5):
+                    q = SarParams(weights=weights, eps=eps, fisher_floor=floor, arbitration=arbitration,
+                                  density=density_kept, lam=1.5)
+                    out = sar(models, base, q, ctx=CTX, fisher=fishers)
+                    u = _old_sar_update([x.clone() for x in models], base, q, fishers)
+                    ref = base + SarState(q, u.numel(), u.dtype, "cpu").run(u).sparsify(u).mul_(q.lam)
+                    assert _same_bits(out, ref), (k, numel, density, density_kept)

@@ -27,6 +27,7 @@ elementwise, ``F_k`` floored at ``fisher_floor``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -164,36 +165,95 @@ def fisher(tensors: Sequence[Tensor], base: Tensor | None, p: FisherParams, *, c
     return num.div_(den)
 
 
+SPARSE_MAX_MODELS = 4
+"""Up to this many models :func:`sar_update` works on the changed entries only. torch's CPU
+``sum(dim=0)`` of a ``(K, N)`` tensor adds the K rows in order onto a +0 accumulator (float32 for
+bfloat16 and float16) for K <= 4 at every N, which :func:`_ordered_sum` repeats on any subset of
+columns; for K >= 5 the order of the last columns depends on N (measured, torch 2.13), so a
+compacted sum could change bits and those merges keep the dense formulas."""
+
+
 def sar_update(tensors: Sequence[Tensor], base: Tensor, p: SarParams, fisher: Sequence[Tensor]) -> Tensor:
-    """Steps 1-3: the arbitrated update of a block (elementwise, before sparsification)."""
+    """Steps 1-3: the arbitrated update of a block (elementwise, before sparsification).
+
+    RLVR updates are sparse: an entry where every model equals the base is +0 under every
+    arbitration, and one updated by a single model is that model's update. Only the entries
+    some model changed are gathered, and the Fisher arithmetic runs only on those updated by
+    several; the result is bit-identical to the dense formulas (tests/test_sar.py).
+    """
+    if (len(tensors) > SPARSE_MAX_MODELS or base.device.type != "cpu"  # the order was measured on CPU only
+            or not all(math.isfinite(w) for w in p.weights)):
+        return _dense_update(tensors, base, p, fisher)
+    shape = base.shape
+    flat = [x.reshape(-1) for x in tensors]
+    base = base.reshape(-1)
+    changed = ~torch.isfinite(base)  # inf - inf is NaN, which the dense formulas carry through
+    for x in flat:
+        changed.logical_or_(x != base)  # elsewhere x - base is +-0, never an update
+    idx = changed.nonzero().squeeze(1)
+    out = torch.zeros_like(base)
+    if idx.numel() == 0:
+        return out.view(shape)
+    b = base[idx]
+    t = torch.stack([(x[idx] - b).mul_(w) for x, w in zip(flat, p.weights, strict=True)])
+    m = t.abs() > p.eps
+    t.mul_(m)
+    count = m.sum(dim=0)
+    sub = torch.zeros_like(b)  # count 0: +0 under every arbitration
+    single = count == 1
+    sub[single] = _ordered_sum(t[:, single])  # one update plus signed zeros: the update itself
+    several = (count >= 2).nonzero().squeeze(1)
+    if several.numel():
+        fk = torch.stack([f.reshape(-1)[idx[several]] for f in fisher])
+        sub[several] = _arbitrate(t[:, several], m[:, several], fk, count[several], p)
+    out[idx] = sub
+    return out.view(shape)
+
+
+def _ordered_sum(a: Tensor) -> Tensor:
+    """``a.sum(dim=0)`` in the order torch's CPU kernel takes for K <= 4 (:data:`SPARSE_MAX_MODELS`)."""
+    acc_dtype = torch.float32 if a.dtype in (torch.bfloat16, torch.float16) else a.dtype
+    acc = torch.zeros(a.shape[1:], dtype=acc_dtype, device=a.device)
+    for row in a:
+        acc.add_(row)
+    return acc.to(a.dtype)
+
+
+def _dense_update(tensors: Sequence[Tensor], base: Tensor, p: SarParams, fisher: Sequence[Tensor]) -> Tensor:
+    """Steps 1-3 on every entry, as K x N stacks (any number of models)."""
     t = torch.stack([(x - base).mul_(w) for x, w in zip(tensors, p.weights, strict=True)])
     m = t.abs() > p.eps
     t.mul_(m)
-    f = torch.stack([fk.clamp_min(p.fisher_floor) for fk in fisher]) * m  # F_k over updaters only
     count = m.sum(dim=0)
+    update = _arbitrate(t, m, torch.stack(list(fisher)), count, p, lambda a: a.sum(dim=0))
+    # exclusive entries: exactly the one update (the mean of one equals it only up to rounding)
+    return torch.where(count == 1, t.sum(dim=0), update)
+
+
+def _arbitrate(t: Tensor, m: Tensor, fisher: Tensor, count: Tensor, p: SarParams, total=_ordered_sum) -> Tensor:
+    """Step 3 over columns of masked updates ``t`` (K, n), masks ``m``, raw F ``fisher`` (K, n)."""
+    f = fisher.clamp_min(p.fisher_floor) * m  # F_k over updaters only
     ft = f * t
-    sum_ft = ft.sum(dim=0)
-    sum_f = f.sum(dim=0)
+    sum_ft = total(ft)
+    sum_f = total(f)
     mean = torch.where(count > 0, sum_ft / torch.where(sum_f > 0, sum_f, torch.ones_like(sum_f)), torch.zeros_like(sum_f))
     if p.arbitration == "fisher_mean":
-        update = mean
-    elif p.arbitration == "fisher_elect":
+        return mean
+    if p.arbitration == "fisher_elect":
         elected = torch.sign(sum_ft)
         agree = m & (torch.sign(t) == elected)
         fa = f * agree
-        den = fa.sum(dim=0)
-        update = torch.where(den > 0, (fa * t).sum(dim=0) / torch.where(den > 0, den, torch.ones_like(den)),
-                             torch.zeros_like(den))
-    else:  # sensitivity
-        positive = ((t > 0) & m).sum(dim=0)
-        negative = ((t < 0) & m).sum(dim=0)
-        conflict = (positive > 0) & (negative > 0)
-        s = torch.where(m, f * t * t, torch.full_like(t, -1.0))  # non-updaters never win
-        winner = s.argmax(dim=0, keepdim=True)  # first maximum: lowest model index on ties
-        strongest = t.gather(0, winner).squeeze(0)
-        update = torch.where(conflict, strongest, mean)
-    # exclusive entries: exactly the one update (the mean of one equals it only up to rounding)
-    return torch.where(count == 1, t.sum(dim=0), update)
+        den = total(fa)
+        return torch.where(den > 0, total(fa * t) / torch.where(den > 0, den, torch.ones_like(den)),
+                           torch.zeros_like(den))
+    # sensitivity
+    positive = ((t > 0) & m).sum(dim=0)
+    negative = ((t < 0) & m).sum(dim=0)
+    conflict = (positive > 0) & (negative > 0)
+    s = torch.where(m, f * t * t, torch.full_like(t, -1.0))  # non-updaters never win
+    winner = s.argmax(dim=0, keepdim=True)  # first maximum: lowest model index on ties
+    strongest = t.gather(0, winner).squeeze(0)
+    return torch.where(conflict, strongest, mean)
 
 
 def _row_sums(x: Tensor, kind: str) -> Tensor:
