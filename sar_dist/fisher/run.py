@@ -466,7 +466,7 @@ def _reduce_and_commit(plan: FisherPlan, markers: list[dict[str, Any]], emit: Ca
         "l2_norm_mean": math.sqrt(sum(s["sumsq_mean"] for s in shards.values())),
         "tied": plan.tied,
         "parts": [{k: m.get(k) for k in ("part", "num_examples", "num_targets", "num_tokens", "compute_s",
-                                          "peak_rss_bytes", "nodes")} for m in markers],
+                                          "peak_rss_bytes", "memory", "nodes")} for m in markers],
         "shards": {f: {"bytes": s["bytes"], "sha256": s["sha256"]} for f, s in shards.items()},
         "versions": package_versions(),
         "elapsed_s": round(time.perf_counter() - t0, 3),
