@@ -80,3 +80,32 @@ def test_moe_partial_checkpoint_is_refused(tmp_path, moe_inputs):
     job = FisherJob.from_dict({"model": str(model), "data": moe_inputs["data"], "output": str(tmp_path / "o")})
     with pytest.raises(ValueError, match="experts.gate_up_proj' of the model class has no tensor"):
         build_fisher_plan(job)
+
+
+def test_moe_rank_reads_only_its_slice_of_a_fused_parameter(tmp_path, moe_inputs):
+    """Each expert tensor is a contiguous run of its fused parameter, so a rank's slice is
+    assembled from range reads of the runs that overlap it, equal to the slice of the whole."""
+    from sar_dist.checkpoint.reader import read_flat
+    from sar_dist.fisher.worker import _flat_span, _load_param
+
+    job = FisherJob.from_dict({"model": moe_inputs["model"], "data": moe_inputs["data"],
+                               "output": str(tmp_path / "o"), "ranks_per_group": 3})
+    spec = build_fisher_plan(job).parts[0]
+    storage = Storage()
+    checkpoint = open_checkpoint(storage, moe_inputs["model"])
+    fused = [s for s in spec.slots if s.param == "model.layers.1.mlp.experts.gate_up_proj"]
+    assert all(_flat_span(s) is not None for s in fused)
+    numel = MOE["num_experts"] * 2 * MOE["moe_intermediate_size"] * MOE["hidden_size"]
+    whole = torch.empty(numel, dtype=torch.float32)
+    for s in fused:
+        offset, strides = s.view
+        torch.as_strided(whole, s.shape, strides, offset).copy_(
+            read_flat(storage, checkpoint.tensors[s.name], 0, checkpoint.tensors[s.name].info.numel).view(s.shape))
+    for start, end in [(0, numel // 3), (numel // 3 + 5, 2 * numel // 3 - 7), (numel - 11, numel)]:
+        assert torch.equal(_load_param(spec, storage, checkpoint, fused, numel, start, end), whole[start:end])
+    # a transposed view is not one run: the whole-parameter path serves it
+    t = fused[0]
+    import dataclasses
+
+    flipped = dataclasses.replace(t, shape=t.shape[::-1], view=(t.view[0], t.view[1][::-1]))
+    assert _flat_span(flipped) is None

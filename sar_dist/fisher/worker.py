@@ -53,11 +53,14 @@ from sar_dist.checkpoint.reader import read_flat
 from sar_dist.checkpoint.writer import ShardWriter
 from sar_dist.finite import OPT_OUT, NonFiniteError, check_finite
 from sar_dist.fisher.types import IGNORE_INDEX, Example, PartSpec, TensorSlot
+from sar_dist.memory import bound_heap, peak_rss_bytes, rss_bytes
 from sar_dist.storage import Storage, display_url, join
 
 logger = logging.getLogger(__name__)
 
 PART_MARKER = "part.json"  # written last by rank 0: the part is complete
+# float32 elements of squared gradient reduced at a time (32 MiB): the transient of a reduce
+REDUCE_PIECE_ELEMENTS = 8 * 2**20
 
 
 def import_deepspeed(device: str) -> Any:
@@ -177,6 +180,7 @@ def run_rank(
         The part's counts (the same on every rank).
     """
     progress = progress if progress is not None else {}
+    bound_heap()  # freed gathers and gradients leave the rank's memory (sar_dist.memory)
     torch.set_num_threads(num_threads)
     if spec.engine == "torch":
         assert world == 1, "the torch engine runs one-rank groups"
@@ -285,12 +289,12 @@ def _accumulate_torch(spec: PartSpec, progress: MutableMapping[str, Any]) -> tup
     checkpoint = open_checkpoint(storage, spec.model_url)
     device = _device(spec)
     model = build_model(None, spec.model_config, DTYPES[DTYPE_NAMES[spec.dtype]][0], device=device)
-    memory = {"built": _rss_bytes()}
+    memory = {"built": rss_bytes()}
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for p, slots in _params_to_load(spec, params):
             p.copy_(_load_param(spec, storage, checkpoint, slots, p.numel(), 0, p.numel()).view(p.shape))
-    memory.update(loaded=_rss_bytes(), engine=_rss_bytes())
+    memory.update(loaded=rss_bytes(), engine=rss_bytes())
     model.eval()  # no dropout: statistics at the given model, deterministic
     unique = dict(model.named_parameters())
     acc = {id(p): torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in unique.values()}
@@ -304,7 +308,7 @@ def _accumulate_torch(spec: PartSpec, progress: MutableMapping[str, Any]) -> tup
     for p in unique.values():
         p.register_post_accumulate_grad_hook(consume)
     counts = _loop(spec, model, lambda ll: ll.backward(), rank=0, world=1, progress=progress)
-    counts.memory = {**memory, "after_loop": _rss_bytes(), "peak": _peak_rss_bytes()}
+    counts.memory = {**memory, "after_loop": rss_bytes(), "peak": peak_rss_bytes()}
     return {name: acc[id(p)] for name, p in params.items()}, counts
 
 
@@ -323,14 +327,14 @@ def _accumulate_zero3(spec: PartSpec, deepspeed: Any, *, rank: int, world: int,
     storage = Storage(spec.storage_options)
     checkpoint = open_checkpoint(storage, spec.model_url)
     model = build_model(deepspeed, spec.model_config, DTYPES[DTYPE_NAMES[spec.dtype]][0], spec.deepspeed)
-    memory = {"built": _rss_bytes()}
+    memory = {"built": rss_bytes()}
     params = dict(model.named_parameters(remove_duplicate=False))
     # sharded load: each rank range-reads its own slice of each flattened tensor into its
     # partition (the engine keeps these partitions as they are: no optimizer flattens them)
     for p, slots in _params_to_load(spec, params):
         start, end = _flat_range(p.ds_numel, rank, world)
         p.ds_tensor.data[: end - start].copy_(_load_param(spec, storage, checkpoint, slots, p.ds_numel, start, end))
-    memory["loaded"] = _rss_bytes()
+    memory["loaded"] = rss_bytes()
     unique = dict(model.named_parameters())
     device = _device(spec)
     # padded to the partition size, so the final gathers have equal pieces
@@ -346,11 +350,11 @@ def _accumulate_zero3(spec: PartSpec, deepspeed: Any, *, rank: int, world: int,
         p.register_post_accumulate_grad_hook(consume)
     engine, *_ = deepspeed.initialize(model=model, config=spec.deepspeed)
     engine.module.eval()  # no dropout: statistics at the given model, deterministic
-    memory["engine"] = _rss_bytes()
+    memory["engine"] = rss_bytes()
     # the module itself, not the engine: the engine's forward hooks the output for its own
     # backward (which needs an optimizer); the gather/release hooks sit on the module
     counts = _loop(spec, engine.module, lambda ll: ll.backward(), rank=rank, world=world, progress=progress)
-    counts.memory = {**memory, "after_loop": _rss_bytes(), "peak": _peak_rss_bytes()}
+    counts.memory = {**memory, "after_loop": rss_bytes(), "peak": peak_rss_bytes()}
     engine.destroy()
     return {name: acc[id(p)] for name, p in params.items()}, counts
 
@@ -373,13 +377,15 @@ def reduce_squares(grad: torch.Tensor, acc: torch.Tensor, dist: Any, *, rank: in
     numel = flat.numel()
     for r in range(world):
         start, end = _flat_range(numel, r, world)
-        if end == start:
-            continue  # every rank skips the same empty partitions: the reduces still pair up
-        piece = flat[start:end].float().square()
-        if world > 1:
-            dist.reduce(piece, dst=r)
-        if r == rank:
-            acc[: end - start].add_(piece)
+        # every rank walks the same pieces (empty partitions give none): the reduces pair up
+        for lo in range(start, end, REDUCE_PIECE_ELEMENTS):
+            hi = min(end, lo + REDUCE_PIECE_ELEMENTS)
+            piece = flat[lo:hi].float()
+            piece.square_()
+            if world > 1:
+                dist.reduce(piece, dst=r)
+            if r == rank:
+                acc[lo - start: hi - start].add_(piece)
 
 
 def _params_to_load(spec: PartSpec, params: dict[str, torch.nn.Parameter]):
@@ -403,13 +409,24 @@ def _load_param(spec: PartSpec, storage: Storage, checkpoint: Any, slots: list[T
                 start: int, end: int) -> torch.Tensor:
     """Elements ``[start, end)`` of a flattened parameter from its checkpoint tensor(s).
 
-    A parameter stored as it is is range-read. A fused one (``slot.view``: MoE experts) is
-    assembled from its checkpoint tensors, one at a time, into one transient copy of the
-    parameter, of which the slice is returned: the transient is the largest fused
-    parameter, not the model.
+    A parameter stored as it is is range-read. A fused one (``slot.view``: MoE experts) whose
+    checkpoint tensors are each a contiguous run of its flat elements (an expert's rows of
+    ``gate_up_proj``, say) is assembled from range reads of just the runs that overlap
+    ``[start, end)``: a rank reads its slice, not the parameter. Other views (a transposed
+    layout) are assembled into one transient copy of the parameter, one checkpoint tensor at
+    a time, of which the slice is returned.
     """
     if slots[0].view is None:
         return _load_weight(spec, storage, checkpoint.tensors[slots[0].name], slots[0].name, start, end)
+    spans = [_flat_span(slot) for slot in slots]
+    if all(span is not None for span in spans):
+        out = torch.empty(end - start, dtype=DTYPES[checkpoint.tensors[slots[0].name].info.dtype][0])
+        for slot, (lo, hi) in zip(slots, spans, strict=True):  # the views cover the parameter once
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                out[a - start: b - start].copy_(_load_weight(spec, storage, checkpoint.tensors[slot.name], slot.name,
+                                                             a - lo, b - lo))
+        return out
     full = None
     for slot in slots:
         ref = checkpoint.tensors[slot.name]
@@ -421,13 +438,27 @@ def _load_param(spec: PartSpec, storage: Storage, checkpoint: Any, slots: list[T
     return full[start:end].clone()
 
 
+def _flat_span(slot: TensorSlot) -> tuple[int, int] | None:
+    """``[first, end)`` of the flat parameter elements that ``slot``'s view covers, if they
+    are one contiguous run in the tensor's own row-major order; else None."""
+    assert slot.view is not None
+    offset, strides = slot.view
+    expected, step = [], 1
+    for n in reversed(slot.shape):
+        expected.append(step)
+        step *= n
+    if any(n != 1 and got != want for n, got, want in zip(slot.shape, strides, reversed(expected), strict=True)):
+        return None
+    return offset, offset + math.prod(slot.shape)
+
+
 def _finish(spec: PartSpec, acc: dict[str, torch.Tensor], counts: Counts, *, dist: Any, rank: int,
             world: int, node: str | None = None) -> dict[str, Any]:
     """Sum the counts over the group, write the part's shards, then (rank 0) its index and marker."""
     storage = Storage(spec.storage_options)
     totals = torch.tensor([counts.examples, counts.targets, counts.tokens], dtype=torch.int64)
     rss = torch.zeros(world, dtype=torch.int64)
-    rss[rank] = _peak_rss_bytes()
+    rss[rank] = peak_rss_bytes()
     nodes, memory = [node], [counts.memory]
     if world > 1:
         dist.all_reduce(totals)
@@ -452,32 +483,12 @@ def _finish(spec: PartSpec, acc: dict[str, torch.Tensor], counts: Counts, *, dis
     return result
 
 
-def _rss_bytes() -> int:
-    """This process's resident memory now (Linux ``/proc/self/statm``; else the peak so far).
-
-    Recorded per rank at the phases of a part (``memory`` in ``part.json``: built, loaded,
-    engine, after_loop, peak), so a benchmark can split a rank's peak into its parts.
-    """
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return _peak_rss_bytes()
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _write_part(spec: PartSpec, storage: Storage, dist: Any, acc: dict[str, torch.Tensor], *, rank: int,
                 world: int) -> None:
     """Gather each statistics tensor to the rank that owns it, which streams it into its shard.
 
     Every rank walks the same tensors in the same order (owner by owner, each shard in
-    safetensors order), so the gathers pair up; a rank holds at most one gathered tensor.
+    safetensors order), so the collectives pair up; a rank holds at most one gathered tensor.
     """
     by_owner: dict[int, list[TensorSlot]] = {}
     for slot in spec.slots:
@@ -495,11 +506,26 @@ def _write_part(spec: PartSpec, storage: Storage, dist: Any, acc: dict[str, torc
                     full = torch.zeros(shape, dtype=torch.float32) if mine else None
                 elif world == 1:
                     full = _cut(acc[slot.param].cpu(), slot, numel, shape)
+                elif slot.view is not None and (span := _flat_span(slot)) is not None:
+                    # one expert's contiguous run of a fused parameter: each rank adds in the part
+                    # of it that it holds (zeros elsewhere; sums of squares have no -0.0), so the
+                    # owner gets the run alone, not the whole fused parameter once per expert
+                    local = acc[slot.param]
+                    per = local.numel()
+                    lo, hi = span
+                    run = torch.zeros(hi - lo, dtype=torch.float32, device=local.device)
+                    a, b = max(lo, rank * per), min(hi, (rank + 1) * per)
+                    if a < b:
+                        run[a - lo: b - lo].copy_(local[a - rank * per: b - rank * per])
+                    dist.reduce(run, dst=owner)
+                    full = run.view(shape).cpu() if mine else None
                 else:
-                    local = acc[slot.param].cpu()
-                    bucket = [torch.empty_like(local) for _ in range(world)] if mine else None
-                    dist.gather(local, gather_list=bucket, dst=owner)
-                    full = _cut(torch.cat(bucket), slot, numel, shape) if mine else None
+                    # on the accumulators' device (gloo: CPU, nccl: CUDA); the pieces land in one
+                    # tensor, so there is no second full-size copy to concatenate them
+                    local = acc[slot.param]
+                    flat = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device) if mine else None
+                    dist.gather(local, gather_list=list(flat.split(local.numel())) if mine else None, dst=owner)
+                    full = _cut(flat.cpu(), slot, numel, shape) if mine else None
                 if mine:
                     if not spec.allow_nonfinite and slot.param is not None:
                         check_finite(full, f"statistics of part {spec.part} ({spec.examples_text()})", name,
