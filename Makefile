@@ -11,7 +11,7 @@ export RAY_DISABLE_USAGE_STATS ?= 1
 
 .PHONY: setup demo test lint bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/kfp/.installed
 
 # torch first and pinned: on a CPU machine 2.13.0 is a local CPU build; an unpinned
 # torch would pull a multi-GB CUDA build. Everything else in one pip command (s3fs and
@@ -24,6 +24,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip check
 	touch $@
 
+# the Kubeflow Pipelines SDK in a venv of its own, for tests/test_orchestrators.py to compile
+# cluster/orchestrators/kubeflow_pipeline.py: in the main venv it would downgrade protobuf
+# (7 -> 6) and requests under Ray and mergekit
+$(VENV)/kfp/.installed: | $(VENV)/.installed
+	$(PY) -m venv $(VENV)/kfp
+	$(VENV)/kfp/bin/pip install -q kfp==2.17.3
+	$(VENV)/kfp/bin/pip check
+	touch $@
+
 demo: setup
 	$(BIN)/python -m pipelines.demo --workdir demo-out
 
@@ -31,7 +40,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check sar_dist pipelines tests bench
+	$(BIN)/ruff check sar_dist pipelines tests bench cluster
 
 bench: setup
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[test,bench]'

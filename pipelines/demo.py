@@ -5,12 +5,13 @@ Run:
     python -m pipelines.demo --workdir demo-out [--method ties] [--executor ray]
 
 Builds a random Llama-shaped base and two sparse "RLVR" fine-tunes (a math one and a
-code one, updating mostly different entries), computes each fine-tune's diagonal Fisher
-statistics on calibration data of its task (on Ray), merges them with SAR-Merging (or --method)
-through the same code path a cluster uses (local Ray, local files), verifies the
-output against its manifest, loads it with transformers and runs a forward pass,
-prints how much of each fine-tune's update survived the merge, and writes a
-`sar-dist analyze` report of the fine-tunes' update geometry (demo-out/analyze/).
+code one, updating mostly different entries) and calibration data of each task, then runs
+the pipeline file configs/pipeline/demo.yaml (`sar-dist run`): each fine-tune's diagonal
+Fisher statistics (side by side on one local Ray), the SAR merge and the `sar-dist analyze`
+report of the fine-tunes' update geometry, through the same code path a cluster uses. It
+then verifies the output against its manifest, loads it with transformers and runs a forward
+pass, and prints how much of each fine-tune's update survived the merge. With another
+--method, the stages run one by one as separate commands (`--executor` applies there).
 """
 
 from __future__ import annotations
@@ -91,35 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.workdir).resolve()
     paths = build_models(root / "models")
     data = write_calibration(root / "calibration", SHAPE.vocab)
-    fisher_norms = {}
-    for name, task in (("rl-math", "math"), ("rl-code", "code")):
-        out = root / "fisher" / name
-        rc = cli_main(["fisher", "--model", paths[name], "--data", data[task], "--output", str(out), "--groups", "2"])
+    if args.method == "sar":
+        # the whole SAR pipeline from one file: Fisher statistics of both fine-tunes (side by
+        # side on the one Ray), the merge, the analyze report
+        pipeline = _pipeline_file(root)
+        print(f"pipeline: {pipeline}\n{Path(pipeline).read_text()}", flush=True)
+        rc = cli_main(["run", pipeline])
         if rc != 0:
             return rc
-        fisher_norms[name] = json.loads((out / "fisher.json").read_text())["l2_norm_mean"]
-    print(f"\nFisher statistics (DeepSpeed ZeRO-3 on Ray, 2 groups each) in {root / 'fisher'}; "
-          f"L2 norm of the mean diagonal Fisher: {json.dumps(fisher_norms)}\n", flush=True)
-    params = {"ties": "{density: 0.5, weight: 1.0}", "sar": "{arbitration: sensitivity, density: 1.0}"}.get(
-        args.method, "{weight: 1.0}")
-    config = root / f"{args.method}.yaml"
-    merged = root / f"merged-{args.method}"
-    fisher_lines = {name: f"    fisher: {root / 'fisher' / name}\n" if args.method in ("sar", "fisher") else ""
-                    for name in ("rl-math", "rl-code")}
-    config.write_text(
-        f"merge_method: {args.method}\n"
-        f"base_model: {paths['base']}\n"
-        "models:\n"
-        f"  - model: {paths['rl-math']}\n{fisher_lines['rl-math']}"
-        f"  - model: {paths['rl-code']}\n{fisher_lines['rl-code']}"
-        f"parameters: {params}\n"
-        "tokenizer_source: base\n"
-        f"output: {merged}\n"
-    )
-    print(f"config: {config}\n{config.read_text()}", flush=True)
-    rc = cli_main(["merge", str(config), "--executor", args.executor])
-    if rc != 0:
-        return rc
+        merged = root / "pipeline" / "merged-sar"
+        report = root / "pipeline" / "analyze"
+    else:
+        rc, merged = _merge_by_hand(root, paths, data, args.method, args.executor)
+        if rc != 0:
+            return rc
+        report = None
     rc = cli_main(["verify", str(merged)])
     if rc != 0:
         return rc
@@ -138,12 +125,72 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(stats, indent=2))
 
     # the update geometry that makes standard merges fail on RLVR models, as a report
-    report = root / "analyze"
-    print(f"\nsar-dist analyze (report, figures: {report}):", flush=True)
-    return cli_main(["analyze", "--base", paths["base"], "--model", paths["rl-math"], "--model", paths["rl-code"],
-                     "--fisher", str(root / "fisher" / "rl-math"), "--fisher", str(root / "fisher" / "rl-code"),
-                     "--output", str(report), "--executor", args.executor])
+    if report is None:
+        report = root / "analyze"
+        print(f"\nsar-dist analyze (report and figures: {report}):", flush=True)
+        return cli_main(["analyze", "--base", paths["base"], "--model", paths["rl-math"], "--model", paths["rl-code"],
+                       "--fisher", str(root / "fisher" / "rl-math"), "--fisher", str(root / "fisher" / "rl-code"),
+                       "--output", str(report), "--executor", args.executor])
+    text = (report / "report.md").read_text()
+    print(f"\nsar-dist analyze (report and figures: {report}):\n{text.split(chr(10) + '## Per module', 1)[0].rstrip()}",
+          flush=True)
+    return 0
 
+
+PIPELINE = Path(__file__).resolve().parent.parent / "configs" / "pipeline" / "demo.yaml"
+
+
+def _pipeline_file(root: Path) -> str:
+    """configs/pipeline/demo.yaml, whose paths are under demo-out/: as it is for that workdir,
+    else a copy with the paths moved under ``root``."""
+    import yaml
+
+    if root == (Path.cwd() / "demo-out").resolve():
+        return str(PIPELINE.relative_to(Path.cwd())) if PIPELINE.is_relative_to(Path.cwd()) else str(PIPELINE)
+
+    def move(x):
+        if isinstance(x, str) and x.startswith("demo-out/"):
+            return str(root / x.removeprefix("demo-out/"))
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [move(v) for v in x]
+        return x
+
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(move(yaml.safe_load(PIPELINE.read_text())), sort_keys=False))
+    return str(path)
+
+
+def _merge_by_hand(root: Path, paths: dict[str, str], data: dict[str, str], method: str,
+                   executor: str) -> tuple[int, Path]:
+    """Another method: the stages one by one, as the commands a user would type."""
+    fisher_norms = {}
+    for name, task in (("rl-math", "math"), ("rl-code", "code")):
+        out = root / "fisher" / name
+        rc = cli_main(["fisher", "--model", paths[name], "--data", data[task], "--output", str(out), "--groups", "2"])
+        if rc != 0:
+            return rc, out
+        fisher_norms[name] = json.loads((out / "fisher.json").read_text())["l2_norm_mean"]
+    print(f"\nFisher statistics (DeepSpeed ZeRO-3 on Ray, 2 groups each) in {root / 'fisher'}; "
+          f"L2 norm of the mean diagonal Fisher: {json.dumps(fisher_norms)}\n", flush=True)
+    params = {"ties": "{density: 0.5, weight: 1.0}"}.get(method, "{weight: 1.0}")
+    config = root / f"{method}.yaml"
+    merged = root / f"merged-{method}"
+    fisher_lines = {name: f"    fisher: {root / 'fisher' / name}\n" if method == "fisher" else ""
+                    for name in ("rl-math", "rl-code")}
+    config.write_text(
+        f"merge_method: {method}\n"
+        f"base_model: {paths['base']}\n"
+        "models:\n"
+        f"  - model: {paths['rl-math']}\n{fisher_lines['rl-math']}"
+        f"  - model: {paths['rl-code']}\n{fisher_lines['rl-code']}"
+        f"parameters: {params}\n"
+        "tokenizer_source: base\n"
+        f"output: {merged}\n"
+    )
+    print(f"config: {config}\n{config.read_text()}", flush=True)
+    return cli_main(["merge", str(config), "--executor", executor]), merged
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -95,6 +95,18 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="write into a non-empty directory beside files sar-dist did not write (never over them)")
     a.add_argument("--json", action="store_true", help="print the report summary as JSON")
 
+    r = sub.add_parser("run", help="a whole pipeline from one YAML file: Fisher statistics per model, merge, analyze")
+    r.add_argument("pipeline", help="pipeline file (YAML): models, fisher settings, merge settings, where outputs go")
+    r.add_argument("--stage", choices=("fisher", "merge", "analyze"),
+                   help="run only this stage (default: every stage in order); each is idempotent")
+    r.add_argument("--model", help="with --stage fisher: only this model's statistics (its name in the file)")
+    r.add_argument("--dry-run", action="store_true", help="print the whole plan as JSON and exit")
+    r.add_argument("--json", action="store_true", help="print one JSON event per line (for orchestrators)")
+    r.add_argument("--force", action="store_true", help="replace outputs of a different job at the same URLs")
+    r.add_argument("--storage-options", help="fsspec options as JSON (no secrets); overrides the file's")
+    r.add_argument("--ray-address", help="Ray cluster address; default: RAY_ADDRESS, else a local Ray")
+    r.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+
     i = sub.add_parser("inspect", help="list tensors of a checkpoint from its headers")
     i.add_argument("url", help="checkpoint directory or .safetensors file")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -114,32 +126,66 @@ def _print_event(event: dict[str, Any]) -> None:
     print(json.dumps(redact_obj(event)), flush=True)
 
 
-def _emitter(as_json: bool):
+def _emitter(as_json: bool, bars: Any = None, prefix: str = ""):
+    """Merge events: JSON lines, or log lines (and a live bar when stderr is a terminal)."""
+    log = _Log(bars, prefix)
+
     def emit(event: dict[str, Any]) -> None:
         if as_json:
             _print_event(event)
+            return
+        if bars is not None and bars(event):
             return
         kind = event["event"]
         if kind in ("tensor_done",):
             return
         if kind == "shard_done":
             eta = event.get("eta_s")
-            logger.info(
+            log.info(
                 "shard %d/%d done (%s), tensors %d/%d, %s/%s, %.1f MB/s, ETA %s",
                 event["shards_done"], event["shards_total"], event["file"], event["tensors_done"],
                 event["tensors_total"], _human(event["bytes_done"]), _human(event["bytes_total"]),
                 event["rate_mb_s"], f"{eta:.0f}s" if eta is not None else "-",
             )
         elif kind == "start":
-            logger.info(
+            log.info(
                 "merging %d shard(s) with the %s executor into %s%s", event["todo_shards"], event["executor"],
                 event["output"], f" (resuming: {event['resumed_shards']} already done)" if event["resumed_shards"] else "",
             )
         elif kind == "committed":
-            logger.info("done: %s (%d tensors, %.1fs)", event["output"], event["tensors_total"], event["elapsed_s"])
+            log.info("done: %s (%d tensors, %.1fs)", event["output"], event["tensors_total"], event["elapsed_s"])
         elif kind == "already_complete":
-            logger.info("%s already holds this merge; nothing to do", event["output"])
+            log.info("%s already holds this merge; nothing to do", event["output"])
     return emit
+
+
+class _Log:
+    """``logger.info``/``warning`` with a prefix (the stage and model of ``sar-dist run``),
+    written above the live bars when there are some."""
+
+    def __init__(self, bars: Any, prefix: str) -> None:
+        self._bars, self._prefix = bars, prefix
+
+    def _out(self, level: int, msg: str, *args: Any) -> None:
+        if self._bars is not None and logger.isEnabledFor(level):
+            self._bars.write(f"[sar-dist] {self._prefix}{msg % args if args else msg}")
+        else:
+            logger.log(level, self._prefix + msg, *args)
+
+    def info(self, msg: str, *args: Any) -> None:
+        self._out(logging.INFO, msg, *args)
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self._out(logging.WARNING, msg, *args)
+
+
+def _progress_bars(as_json: bool):
+    """Live bars when a person watches (stderr is a terminal, no --json); else None."""
+    if as_json or not sys.stderr.isatty() or os.environ.get("SAR_DIST_NO_BARS"):
+        return None
+    from sar_dist.terminal import ProgressBars
+
+    return ProgressBars(sys.stderr)
 
 
 def _human(n: float) -> str:
@@ -164,7 +210,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from sar_dist.execute.run import execute, prepare
     from sar_dist.plan.planner import build_plan
 
-    emit = _emitter(args.json)
+    bars = _progress_bars(args.json)
+    emit = _emitter(args.json, bars)
     try:
         raw = _load_yaml(args.config)
         overrides: dict[str, Any] = {"output": args.output}
@@ -188,18 +235,27 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         return _bad_input(e)
     except OSError as e:  # unreachable storage, permissions
         return _bad_input(f"{e.__class__.__name__}: {e}")
-    execute(prepared, executor=args.executor, emit=emit, ray_address=args.ray_address, num_cpus=args.num_cpus)
+    try:
+        execute(prepared, executor=args.executor, emit=emit, ray_address=args.ray_address, num_cpus=args.num_cpus)
+    finally:
+        if bars is not None:
+            bars.close()
     return EXIT_OK
 
 
-def _fisher_emitter(as_json: bool):
+def _fisher_emitter(as_json: bool, bars: Any = None, prefix: str = ""):
+    """Fisher events: JSON lines, or log lines (and a live bar when stderr is a terminal)."""
+    log = _Log(bars, prefix)
+
     def emit(event: dict[str, Any]) -> None:
         if as_json:
             _print_event(event)
             return
+        if bars is not None and bars(event):
+            return
         kind = event["event"]
         if kind == "start":
-            logger.info(
+            log.info(
                 "Fisher statistics of %d examples (%d target tokens): %d group(s) x %d rank(s), %s estimator -> %s%s",
                 event["examples_total"], event["target_tokens_total"], event["groups"], event["ranks_per_group"],
                 event["estimator"], event["output"],
@@ -207,19 +263,19 @@ def _fisher_emitter(as_json: bool):
             )
         elif kind == "progress":
             eta = event.get("eta_s")
-            logger.info("examples %d/%d, target tokens %d/%d, %.1f tokens/s, ETA %s", event["examples_done"],
+            log.info("examples %d/%d, target tokens %d/%d, %.1f tokens/s, ETA %s", event["examples_done"],
                         event["examples_total"], event["target_tokens_done"], event["target_tokens_total"],
                         event["tokens_per_s"], f"{eta:.0f}s" if eta is not None else "-")
         elif kind == "part_done":
-            logger.info("part %d done (%d/%d)", event["part"], event["parts_done"], event["parts_total"])
+            log.info("part %d done (%d/%d)", event["part"], event["parts_done"], event["parts_total"])
         elif kind == "part_retry":
-            logger.warning("part %d failed (%s); restarting it (attempt %d)", event["part"], event["error"],
+            log.warning("part %d failed (%s); restarting it (attempt %d)", event["part"], event["error"],
                            event["attempt"])
         elif kind == "committed":
-            logger.info("done: %s (%d examples, L2 norm of the mean %.4g, %.1fs)", event["output"],
+            log.info("done: %s (%d examples, L2 norm of the mean %.4g, %.1fs)", event["output"],
                         event["num_examples"], event["l2_norm_mean"], event["elapsed_s"])
         elif kind == "already_complete":
-            logger.info("%s already holds these statistics; nothing to do", event["output"])
+            log.info("%s already holds these statistics; nothing to do", event["output"])
     return emit
 
 
@@ -267,11 +323,77 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
         return _bad_input(e)
     except OSError as e:
         return _bad_input(f"{e.__class__.__name__}: {e}")
+    bars = _progress_bars(args.json)
     try:
-        run_fisher(plan, emit=_fisher_emitter(args.json), ray_address=args.ray_address, num_cpus=args.num_cpus,
+        run_fisher(plan, emit=_fisher_emitter(args.json, bars), ray_address=args.ray_address, num_cpus=args.num_cpus,
                    force=args.force)
     except (ClusterTooSmall, LeaseHeld) as e:  # checked once Ray is up, before anything is written
         return _bad_input(e)
+    finally:
+        if bars is not None:
+            bars.close()
+    return EXIT_OK
+
+
+def _run_emitter(as_json: bool, bars: Any):
+    """Pipeline events: JSON lines (each with its ``stage`` and ``model``), or each stage's own
+    log lines prefixed with its stage and model."""
+    emitters: dict[tuple[str, str], Any] = {}
+
+    def emit(event: dict[str, Any]) -> None:
+        if as_json:
+            _print_event(event)
+            return
+        stage, model, kind = event.get("stage", ""), event.get("model", ""), event["event"]
+        if kind == "stage_start":
+            logger.info("stage %s", stage)
+            return
+        if kind == "stage_done":
+            return
+        if stage == "analyze":  # sar_dist.analyze logs its own lines
+            return
+        key = (stage, model)
+        if key not in emitters:
+            prefix = f"[{stage} {model}] " if model else f"[{stage}] "
+            emitters[key] = (_fisher_emitter if stage == "fisher" else _emitter)(False, bars, prefix)
+        emitters[key](event)
+    return emit
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sar_dist.fisher.run import ClusterTooSmall
+    from sar_dist.output import LeaseHeld
+    from sar_dist.pipeline.config import load_pipeline
+    from sar_dist.pipeline.run import plan_pipeline, run_pipeline, summary
+
+    try:
+        if args.model and args.stage != "fisher":
+            raise BadInput("--model: only with --stage fisher")
+        options = _json_arg(args.storage_options, "--storage-options")
+        if options is not None and not isinstance(options, dict):
+            raise BadInput("--storage-options: expected a JSON object")
+        job = load_pipeline(args.pipeline, storage_options=options)
+        plan = plan_pipeline(job, stage=args.stage, model=args.model, force=args.force)
+        for name, p in plan.fisher.items():
+            if p.data.truncated:
+                logger.warning("[fisher %s] %d of %d examples were longer than max_length=%d and were truncated",
+                               name, p.data.truncated, len(p.data.examples), p.job.max_length)
+        if args.dry_run:
+            print(json.dumps(summary(plan), indent=None if args.json else 2))
+            return EXIT_OK
+    except (BadInput, ValueError) as e:
+        return _bad_input(e)
+    except OSError as e:
+        return _bad_input(f"{e.__class__.__name__}: {e}")
+    bars = _progress_bars(args.json)
+    try:
+        run_pipeline(plan, _run_emitter(args.json, bars), ray_address=args.ray_address, num_cpus=args.num_cpus,
+                     force=args.force)
+    except (ClusterTooSmall, LeaseHeld) as e:  # checked once Ray is up, before anything is written
+        return _bad_input(e)
+    finally:
+        if bars is not None:
+            bars.close()
     return EXIT_OK
 
 
@@ -397,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="[sar-dist] %(message)s", stream=sys.stderr)
     logger.setLevel(logging.INFO)  # our progress lines; other libraries stay at WARNING
     handlers = {"merge": _cmd_merge, "fisher": _cmd_fisher, "inspect": _cmd_inspect, "verify": _cmd_verify,
-                "analyze": _cmd_analyze}
+                "analyze": _cmd_analyze, "run": _cmd_run}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

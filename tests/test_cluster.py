@@ -4,6 +4,7 @@ module that exists and arguments that the CLI parses, with configs that validate
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 
@@ -29,6 +30,7 @@ def _entrypoints() -> list[tuple[str, list[str]]]:
     for line in script.splitlines():
         if "python -m pipelines." in line:
             cmd = line[line.index("python -m"):]
+            cmd = re.sub(r'"\$\{\d+:-([^}]*)\}"', r"\1", cmd)  # a positional argument's default
             found.append(("submit.sh", shlex.split(cmd.replace('"$model"', "m").replace("$model", "m"))))
     return found
 
@@ -44,10 +46,16 @@ def test_every_yaml_parses():
 def test_entrypoint_module_exists_and_arguments_parse(where, argv):
     assert argv[:2] == ["python", "-m"], where
     module = argv[2]
-    assert module in ("pipelines.merge", "pipelines.fisher"), where
+    assert module in ("pipelines.merge", "pipelines.fisher", "pipelines.run"), where
     assert (REPO / (module.replace(".", "/") + ".py")).is_file()
     stage = module.split(".")[1]
     args = _build_parser().parse_args([stage, *argv[3:]])  # argparse exits (SystemExit) on bad flags
+    if stage == "run":  # the pipeline file is loaded here; its task graphs: tests/test_orchestrators.py
+        from sar_dist.pipeline.config import load_pipeline
+
+        job = load_pipeline(str(REPO / args.pipeline))
+        assert [m.name for m in job.models] == ["rl-math", "rl-code"], where
+        return
     assert (REPO / args.config).is_file(), f"{where}: {args.config}"
     raw = _load_yaml(str(REPO / args.config))
     if stage == "merge":

@@ -168,6 +168,43 @@ def test_both_stages_through_the_jobs_api_on_two_nodes(two_nodes, tiny_models, t
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
+def test_pipeline_through_the_jobs_api_on_two_nodes(two_nodes, tiny_models, tmp_path):
+    """`python -m pipelines.run` submitted as one Ray job: both models' Fisher stages and the merge
+    on the two-node cluster, byte-identical to the same pipeline on the embedded local Ray."""
+    import yaml
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w3", "response": f"w{i + 2} w5 w6"}) + "\n"
+                            for i in range(4)))
+
+    def pipeline(where: Path) -> str:
+        path = where / "pipeline.yaml"
+        where.mkdir()
+        path.write_text(yaml.safe_dump({
+            "base_model": tiny_models["base"],
+            "models": [{"name": k, "model": tiny_models[k], "data": str(data)} for k in ("ft1", "ft2")],
+            "fisher": {"groups": 1, "cpus_per_rank": 1},
+            "merge": {"merge_method": "sar", "dtype": "float32", "out_shard_size": 20_000,
+                      "parameters": {"density": 0.5}},
+            "statistics": str(where / "stats"), "output": str(where / "merged")}))
+        return str(path)
+
+    cluster, local = tmp_path / "cluster", tmp_path / "local"
+    logs = _submit(two_nodes.client, ["pipelines.run", pipeline(cluster), "--json"])
+    events = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert {e["model"] for e in events if e.get("stage") == "fisher" and e["event"] == "committed"} == {"ft1", "ft2"}
+    r = run_cli("run", pipeline(local), "--num-cpus", "2", timeout=400)
+    assert r.returncode == 0, r.stderr
+    for k in ("ft1", "ft2"):
+        a = json.loads((cluster / "stats" / k / "fisher.json").read_text())
+        assert a["shards"] == json.loads((local / "stats" / k / "fisher.json").read_text())["shards"], k
+    a, b = load_safetensors_dir(cluster / "merged"), load_safetensors_dir(local / "merged")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    shards = sorted(p.name for p in (cluster / "merged").glob("*.safetensors"))
+    assert len(shards) > 1 and all((cluster / "merged" / n).read_bytes() == (local / "merged" / n).read_bytes()
+                                   for n in shards)
+
+
 def test_node_stopped_mid_merge_the_job_completes_on_the_other(two_nodes, tiny_models, s3_server, s3_options, tmp_path):
     """SIGKILL the worker node's process group while a shard task runs there: Ray retries the
     task on the head, the merge commits, its bytes equal a single-node run, nothing partial is

@@ -170,6 +170,7 @@ def commit(storage: Storage, plan: Plan, results: Iterable[ShardResult], *, star
         "plan_id": plan.plan_id,
         "config": redact_obj(plan.job),
         "inputs": redact_obj(plan.inputs),
+        **({"statistics": list(plan.statistics)} if plan.statistics else {}),
         "files": planned_files(plan),
         "versions": package_versions(),
         "started": started,

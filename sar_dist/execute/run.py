@@ -60,6 +60,27 @@ def plan_inputs(plan: Plan) -> list[tuple[str, str]]:
     return out
 
 
+def check_merge_output(plan: Plan, *, force: bool = False, storage: Storage | None = None,
+                       statistics_pending: bool = False) -> bool:
+    """Check the output against the plan, writing nothing; True if it already holds this merge.
+
+    With ``statistics_pending`` (a plan made before its Fisher statistics exist, see
+    ``build_plan``) an earlier complete merge at the output is judged later, against the real
+    plan: only the rest is checked now.
+
+    Raises:
+        ValueError: as ``prepare``, but for the lease.
+    """
+    storage = storage or Storage(plan.job["storage_options"])
+    check_disjoint(plan.output, plan_inputs(plan))
+    storage.check_bucket(plan.output)
+    manifest = read_manifest(storage, plan.output)
+    if not statistics_pending and check_output(plan, manifest, force=force):
+        return True
+    check_ownership(storage, plan.output, planned_files(plan), manifest_files(manifest), force=force)
+    return False
+
+
 def prepare(plan: Plan, *, force: bool = False) -> Prepared:
     """Check the output before any write, then take its lease and record what the run will write.
 
@@ -70,15 +91,9 @@ def prepare(plan: Plan, *, force: bool = False) -> Prepared:
             (``LeaseHeld``).
     """
     storage = Storage(plan.job["storage_options"])
-    check_disjoint(plan.output, plan_inputs(plan))
-    storage.check_bucket(plan.output)
 
     def check() -> bool:
-        manifest = read_manifest(storage, plan.output)
-        if check_output(plan, manifest, force=force):
-            return True
-        check_ownership(storage, plan.output, planned_files(plan), manifest_files(manifest), force=force)
-        return False
+        return check_merge_output(plan, force=force, storage=storage)
 
     if check():
         return Prepared(plan=plan, complete=True, force=force)

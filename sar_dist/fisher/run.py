@@ -26,6 +26,7 @@ import math
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,6 +231,7 @@ def _run_parts(plan: FisherPlan, emit: Callable[[Event], None], poll_s: float) -
     world = job.ranks_per_group
     cpus, gpus = _resources(plan)
     actor_cls = ray.remote(FisherRank)
+    run_tag = uuid.uuid4().hex[:8]  # names are per namespace: concurrent jobs (``sar-dist run``) differ
     markers: dict[int, dict[str, Any]] = {}
     todo = []
     for part in plan.parts:
@@ -251,7 +253,7 @@ def _run_parts(plan: FisherPlan, emit: Callable[[Event], None], poll_s: float) -
     def launch(part: PartSpec, attempt: int) -> _Group:
         storage.remove_tree(part.url)  # an unfinished part is redone from scratch
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        pg = placement_group([bundle] * world, strategy="PACK", name=f"sar-dist-fisher-{part.part}-{attempt}")
+        pg = placement_group([bundle] * world, strategy="PACK", name=f"sar-dist-fisher-{run_tag}-{part.part}-{attempt}")
         actors = [
             actor_cls.options(
                 num_cpus=cpus, num_gpus=gpus, max_concurrency=2, max_restarts=0,

@@ -114,6 +114,7 @@ def build_plan(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     storage: Storage | None = None,
     read_concurrency: int = READ_CONCURRENCY,
+    pending_statistics: frozenset[str] = frozenset(),
 ) -> Plan:
     """Plan a merge from headers only.
 
@@ -124,6 +125,10 @@ def build_plan(
             elementwise methods are processed in row chunks.
         storage: storage to read headers with (default: from ``job.storage_options``).
         read_concurrency: most range requests one task keeps in flight (does not change the result).
+        pending_statistics: Fisher statistics URLs that a pipeline computes before the merge
+            (``sar-dist run``). They stand in as the model's own names and shapes, which is what
+            the Fisher stage writes, so every other check runs before any work. Such a plan is
+            for checking only: its ``plan_id`` and scales are not those of the real merge.
 
     Returns:
         The plan.
@@ -150,8 +155,11 @@ def build_plan(
         fisher_stats: list[FisherStats] = []
         if method.needs_fisher:
             # statistics must come from `sar-dist fisher` on exactly this model
-            fisher_futures = [pool.submit(open_fisher, storage, m.fisher, indexes[m.model]) for m in input_refs]
-            fisher_stats = [f.result() for f in fisher_futures]
+            fisher_futures = [None if m.fisher in pending_statistics else pool.submit(open_fisher, storage, m.fisher,
+                                                                                      indexes[m.model])
+                              for m in input_refs]
+            fisher_stats = [FisherStats(index=indexes[m.model], manifest={"num_examples": 1, "l2_norm_mean": 1.0})
+                            if f is None else f.result() for m, f in zip(input_refs, fisher_futures, strict=True)]
             fisher_indexes = [s.index for s in fisher_stats]
 
     ref_url = base_url if method.needs_base else input_urls[0]
@@ -283,7 +291,17 @@ def build_plan(
         copy_files=tuple(copy_files),
         memory_budget=memory_budget,
         warnings=tuple(warnings),
+        statistics=tuple(_statistics_record(m.model, m.fisher, s)
+                         for m, s in zip(input_refs, fisher_stats, strict=False) if m.fisher not in pending_statistics),
     )
+
+
+def _statistics_record(model: str, url: str, stats: FisherStats) -> dict[str, Any]:
+    """What the merge manifest records of the statistics a model's merge used."""
+    m = stats.manifest
+    return {"model": display_url(model), "fisher": display_url(url), "job_id": m.get("job_id"),
+            "num_examples": m.get("num_examples"), "estimator": m.get("estimator"),
+            "stats_dtype": m.get("stats_dtype", "float32"), "l2_norm_mean": m.get("l2_norm_mean")}
 
 
 def _assign_shards(jobs: list[TensorJob], max_shard_bytes: int) -> list[list[TensorJob]]:

@@ -142,6 +142,7 @@ class Plan:
         copy_files: (source URL, output name) of config/tokenizer files to copy.
         memory_budget: bytes a task may use.
         warnings: things the user should know (e.g. a tensor larger than the budget).
+        statistics: the Fisher statistics each model's merge uses (recorded in the manifest).
     """
 
     plan_id: str
@@ -153,6 +154,7 @@ class Plan:
     copy_files: tuple[tuple[str, str], ...]
     memory_budget: int
     warnings: tuple[str, ...] = ()
+    statistics: tuple[dict[str, Any], ...] = ()
 
     @property
     def num_tensors(self) -> int:
