@@ -367,8 +367,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from sar_dist.pipeline.run import plan_pipeline, run_pipeline, summary
 
     try:
-        if args.model and args.stage != "fisher":
-            raise BadInput("--model: only with --stage fisher")
         options = _json_arg(args.storage_options, "--storage-options")
         if options is not None and not isinstance(options, dict):
             raise BadInput("--storage-options: expected a JSON object")

@@ -22,11 +22,10 @@ from typing import Any
 
 from sar_dist.fisher.plan import FisherPlan, build_fisher_plan
 from sar_dist.fisher.run import prepare_output, run_fisher
-from sar_dist.fisher.stats import open_fisher
 from sar_dist.output import check_disjoint
 from sar_dist.pipeline.config import PipelineJob
 from sar_dist.plan.types import Plan
-from sar_dist.storage import Storage, display_url
+from sar_dist.storage import display_url
 
 Event = dict[str, Any]
 STAGES = ("fisher", "merge", "analyze")
@@ -44,6 +43,8 @@ class PipelinePlan:
         merge: the merge plan; while statistics are still to be computed it is a plan for
             checking only (``build_plan``'s ``pending_statistics``), made again before the merge.
         merge_complete: the merge output already holds this merge.
+        pending: statistics URLs not committed yet (this run's, or other models' that another
+            task of an orchestrator computes); empty when ``merge`` is the real plan.
         model: the one model of a ``--stage fisher --model`` run, else None.
     """
 
@@ -53,11 +54,8 @@ class PipelinePlan:
     complete: dict[str, str]
     merge: Plan | None
     merge_complete: bool = False
+    pending: frozenset[str] = frozenset()
     model: str | None = None
-
-    @property
-    def pending(self) -> frozenset[str]:
-        return frozenset(p.job.output for p in self.fisher.values())
 
 
 def plan_pipeline(job: PipelineJob, *, stage: str | None = None, model: str | None = None,
@@ -82,7 +80,6 @@ def plan_pipeline(job: PipelineJob, *, stage: str | None = None, model: str | No
         stages = (stage,)
     chosen = job.entry(model).name if model is not None else None
     _check_outputs_disjoint(job)
-    storage = Storage(job.storage_options)
     fisher: dict[str, FisherPlan] = {}
     complete: dict[str, str] = {}
     pending: set[str] = set()
@@ -102,8 +99,6 @@ def plan_pipeline(job: PipelineJob, *, stage: str | None = None, model: str | No
             raise ValueError(f"{job.where}: model {entry.name!r} has no committed statistics at "
                              f"{display_url(entry.statistics)}; run the Fisher stage first "
                              f"(--stage fisher --model {entry.name})")
-    if chosen is not None and job.entry(chosen).fisher is None:
-        open_fisher(storage, job.entry(chosen).statistics, _open(storage, job.entry(chosen).model))
     from sar_dist.execute.run import check_merge_output
     from sar_dist.plan.planner import build_plan
 
@@ -112,13 +107,7 @@ def plan_pipeline(job: PipelineJob, *, stage: str | None = None, model: str | No
     if job.analyze is not None and "analyze" in stages and not pending:
         _prepare_analyze(job, force=force)  # every check of the report's inputs and output
     return PipelinePlan(job=job, stages=stages, fisher=fisher, complete=complete, merge=merge,
-                        merge_complete=merge_complete, model=chosen)
-
-
-def _open(storage: Storage, url: str):
-    from sar_dist.checkpoint.index import open_checkpoint
-
-    return open_checkpoint(storage, url)
+                        merge_complete=merge_complete, pending=frozenset(pending), model=chosen)
 
 
 def _check_outputs_disjoint(job: PipelineJob) -> None:
@@ -231,11 +220,12 @@ def run_fisher_stage(plan: PipelinePlan, emit: Callable[[Event], None], *, force
 
 
 def run_merge_stage(plan: PipelinePlan, emit: Callable[[Event], None], *, force: bool = False) -> dict[str, Any]:
-    """Plan the merge again (the statistics exist now) and run it with its own resume logic."""
+    """Run the merge with its own resume logic; planned again if statistics were pending (they
+    exist now), else the plan made up front is the real one."""
     from sar_dist.execute.run import execute, prepare
     from sar_dist.plan.planner import build_plan
 
-    merge = build_plan(plan.job.merge)
+    merge = build_plan(plan.job.merge) if plan.pending or plan.merge is None else plan.merge
     prepared = prepare(merge, force=force)
     return execute(prepared, executor="ray", emit=_labelled(emit, threading.Lock(), "merge"))
 
