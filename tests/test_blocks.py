@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sar_dist.execute.blocks import merge_blocks
+from sar_dist.execute.blocks import merge_blocks, merge_row_blocks, merge_via_update, observe_blocks
 from sar_dist.merge.base import TensorContext
 from sar_dist.merge.registry import METHODS
 from tests.test_chunked_methods import make_inputs, params
@@ -70,3 +70,46 @@ def test_keyed_random_blocks_are_whole_random_blocks():
                        compute_dtype=torch.float32, out_dtype=torch.bfloat16, device="cpu", block=1024)
     want = method.fn([x.float() for x in models], base.float(), p, ctx=ctx).to(torch.bfloat16)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+STATEFUL_CASES = [
+    ("ties", {"weight": 1.0, "density": 0.3}),
+    ("dare_ties", {"weight": 1.0, "density": 0.5}),
+    ("breadcrumbs", {"weight": 1.0, "density": 0.6, "gamma": 0.05}),
+    ("della", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
+    ("slerp", {"t": 0.3}),
+    ("ramplus_tl", {}),
+    ("sar", {"density": 0.5}),
+    ("sar", {"density": 0.3, "rescale": "l2", "arbitration": "fisher_elect"}),
+    ("sar", {"density": 1.0}),
+]
+
+
+@pytest.mark.parametrize("name,values", STATEFUL_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(STATEFUL_CASES)])
+@pytest.mark.parametrize("shape", [(37, 29), (5, 3, 7), (300,)])
+def test_row_blocks_equal_whole(name, values, shape):
+    """A method with whole-tensor statistics, merged from a unit in memory as the executor does it:
+    the state's passes over row blocks (over the update computed once, for ``sar``), then the merge
+    block by block, gives the bits of the method on the whole tensor. Blocks of 4 rows (and of 1)
+    leave a short last block."""
+    method = METHODS[name]
+    num_models = method.max_models or 3
+    p = params(name, num_models, **values)
+    base, models = make_inputs(shape, num_models, torch.bfloat16, seed=len(shape))
+    fisher = ([torch.rand(shape, generator=torch.Generator().manual_seed(i)) for i in range(num_models)]
+              if method.needs_fisher else [])
+    raw = [base, *models, *fisher]
+    want = _whole(name, p, base, models, fisher, torch.float32, torch.bfloat16)
+    ctx = TensorContext(name=CTX.name, seed=CTX.seed, offset=0)
+    kw = dict(num_inputs=num_models, fisher_scale=(0.25,) * len(fisher), ctx=ctx, compute_dtype=torch.float32,
+              device="cpu")
+    for step in ((4, 1) if len(shape) > 1 else (shape[0],)):
+        if method.update is not None:
+            got = merge_via_update(method, p, raw, None, out_dtype=torch.bfloat16, step=step, **kw)
+        else:
+            state = method.state(p, base.numel(), torch.float32, "cpu")
+            while state.needs_pass():
+                observe_blocks(state, raw, has_base=True, step=step, **kw)
+                state.end_pass()
+            got = merge_row_blocks(method, p, raw, state, has_base=True, out_dtype=torch.bfloat16, step=step, **kw)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (name, shape, step)

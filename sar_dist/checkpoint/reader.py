@@ -8,7 +8,7 @@ and copied into the buffers. The decode is ``.view(dtype).reshape(shape)`` with 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ def read_tensor(storage: Storage, ref: TensorRef, rows: tuple[int, int] | None =
 
 def read_tensors(
     storage: Storage, refs: Sequence[TensorRef], rows: tuple[int, int] | None = None, *,
-    concurrency: int = READ_CONCURRENCY,
+    concurrency: int = READ_CONCURRENCY, allocate: Callable[[Sequence[int]], list[torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """Read the same rows of several tensors (a merge unit's sources), requests in flight together.
 
@@ -42,18 +42,23 @@ def read_tensors(
         refs: files and locations from the checkpoint indexes.
         rows: optional row range, the same for every tensor.
         concurrency: most range requests in flight (1: one request per tensor, in order).
+        allocate: gives the byte buffers (uint8 CPU tensors of the sizes asked, each starting at a
+            multiple of 64 bytes) to read into, e.g. reused ones; default fresh ``torch.empty``.
 
     Returns:
         CPU tensors in their stored dtypes, in the order of ``refs``.
     """
-    planned = [_allocate(ref, rows) for ref in refs]
+    planned = [_span(ref, rows) for ref in refs]
+    sizes = [n for n, _, _ in planned]
+    buffers = allocate(sizes) if allocate is not None else [torch.empty(n, dtype=torch.uint8) for n in sizes]
+    planned = [(b, start, shape) for b, (_, start, shape) in zip(buffers, planned, strict=True)]
     storage.read_many([(ref.file, start, memoryview(buf.numpy())) for ref, (buf, start, _) in zip(refs, planned, strict=True)],
                       concurrency=concurrency)
     return [buf.view(ref.info.torch_dtype).reshape(shape) for ref, (buf, _, shape) in zip(refs, planned, strict=True)]
 
 
-def _allocate(ref: TensorRef, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int, tuple[int, ...]]:
-    """The byte buffer, file offset and shape of a tensor or block of rows."""
+def _span(ref: TensorRef, rows: tuple[int, int] | None) -> tuple[int, int, tuple[int, ...]]:
+    """The byte count, file offset and shape of a tensor or block of rows."""
     info: TensorInfo = ref.info
     shape = info.shape
     start, nbytes = info.offset, info.nbytes
@@ -64,7 +69,7 @@ def _allocate(ref: TensorRef, rows: tuple[int, int] | None) -> tuple[torch.Tenso
         start += r0 * row_bytes
         nbytes = (r1 - r0) * row_bytes
         shape = (r1 - r0, *shape[1:])
-    return torch.empty(nbytes, dtype=torch.uint8), start, tuple(shape)
+    return nbytes, start, tuple(shape)
 
 
 def read_flat(

@@ -15,7 +15,8 @@ whose per-column order torch keeps whatever ``n`` is when blocks start at multip
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -100,4 +101,134 @@ def merge_blocks(
         kwargs: dict[str, Any] = {"fisher": fisher} if fisher else {}
         result = method.fn(inputs, base, params, ctx=block_ctx, **kwargs)
         flat_out[start:stop].copy_(result)
+    return out
+
+
+def block_rows(shape: Sequence[int], device: torch.device | str) -> int:
+    """Rows of a tensor of ``shape`` per row block: about :func:`block_numel` entries, at least one row.
+
+    A 1-D tensor is one block: a per-row statistic of it (DELLA's ranks) is taken over the whole.
+    """
+    if len(shape) < 2:
+        return max(1, shape[0] if shape else 1)
+    row_elems = math.prod(shape[1:]) or 1
+    return max(1, block_numel(device) // row_elems)
+
+
+def row_blocks(
+    raw: Sequence[Tensor], step: int, compute_dtype: torch.dtype, device: str
+) -> Iterator[tuple[int, int, list[Tensor]]]:
+    """The row blocks ``[r0, r1)`` of a unit's sources, in order, each converted into compute-dtype
+    buffers made once (the blocks yielded are overwritten by the next: use them before asking for it).
+
+    Args:
+        raw: the unit's sources as read (stored dtypes, CPU, same first dimension).
+        step: rows per block.
+        compute_dtype: the dtype of the blocks yielded.
+        device: where they are.
+    """
+    rows = raw[0].shape[0]
+    row_elems = raw[0].numel() // rows if rows else 0
+    size = min(step, rows) * row_elems
+    buffers = [torch.empty(size, dtype=compute_dtype, device=device) for _ in raw]
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        yield r0, r1, [buf[: (r1 - r0) * row_elems].view(r1 - r0, *r.shape[1:]).copy_(r[r0:r1])
+                       for buf, r in zip(buffers, raw, strict=True)]
+
+
+def observe_blocks(
+    state: Any, raw: Sequence[Tensor], *, has_base: bool, num_inputs: int, fisher_scale: Sequence[float],
+    ctx: TensorContext, compute_dtype: torch.dtype, device: str, step: int,
+) -> None:
+    """Feed a unit's row blocks (in order) to a whole-tensor state during one of its passes.
+
+    ``ctx.offset`` is the flat index of the unit's first entry; each block's context is offset from it.
+    """
+    row_elems = raw[0].numel() // raw[0].shape[0] if raw[0].shape[0] else 0
+    first_input = 1 if has_base else 0
+    for r0, _, blocks in row_blocks(raw, step, compute_dtype, device):
+        base = blocks[0] if has_base else None
+        inputs = blocks[first_input:first_input + num_inputs]
+        fisher = scale_fisher(blocks[first_input + num_inputs:], fisher_scale)
+        block_ctx = TensorContext(name=ctx.name, seed=ctx.seed, offset=ctx.offset + r0 * row_elems)
+        if fisher:
+            state.observe(inputs, base, block_ctx, fisher=fisher)
+        else:
+            state.observe(inputs, base, block_ctx)
+
+
+def merge_row_blocks(
+    method: MergeMethod,
+    params: Any,
+    raw: Sequence[Tensor],
+    state: Any,
+    *,
+    has_base: bool,
+    num_inputs: int,
+    fisher_scale: Sequence[float],
+    ctx: TensorContext,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    device: str,
+    step: int,
+) -> Tensor:
+    """Merge one unit of a method with whole-tensor statistics (``state``, after its passes) in row
+    blocks, in order, exactly as the method merges row chunks of the tensor (``fn(..., state=)``).
+
+    Returns:
+        The merged unit, in ``out_dtype``, on the CPU, shaped like ``raw[0]``.
+    """
+    out = torch.empty(raw[0].shape, dtype=out_dtype)
+    row_elems = raw[0].numel() // raw[0].shape[0] if raw[0].shape[0] else 0
+    first_input = 1 if has_base else 0
+    for r0, r1, blocks in row_blocks(raw, step, compute_dtype, device):
+        base = blocks[0] if has_base else None
+        inputs = blocks[first_input:first_input + num_inputs]
+        fisher = scale_fisher(blocks[first_input + num_inputs:], fisher_scale)
+        kwargs: dict[str, Any] = {"fisher": fisher} if fisher else {}
+        block_ctx = TensorContext(name=ctx.name, seed=ctx.seed, offset=ctx.offset + r0 * row_elems)
+        result = method.fn(inputs, base, params, ctx=block_ctx, state=state, **kwargs)
+        out[r0:r1].copy_(result)
+    return out
+
+
+def merge_via_update(
+    method: MergeMethod,
+    params: Any,
+    raw: Sequence[Tensor],
+    state: Any,
+    *,
+    num_inputs: int,
+    fisher_scale: Sequence[float],
+    ctx: TensorContext,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    device: str,
+    step: int,
+) -> Tensor:
+    """Merge one unit of a method with ``MergeMethod.update``: each row block's update is computed
+    once into one compute-dtype tensor of the unit's shape; the state's passes (when ``state`` is
+    None: the unit is the whole tensor) and the finishing step then run over it, not over the inputs.
+
+    ``raw`` starts with the base (these methods take one). Returns the merged unit, in ``out_dtype``,
+    on the CPU.
+    """
+    shape = raw[0].shape
+    rows = shape[0]
+    row_elems = raw[0].numel() // rows
+    update = torch.empty(shape, dtype=compute_dtype, device=device)
+    for r0, r1, blocks in row_blocks(raw, step, compute_dtype, device):
+        fisher = scale_fisher(blocks[1 + num_inputs:], fisher_scale)
+        block_ctx = TensorContext(name=ctx.name, seed=ctx.seed, offset=ctx.offset + r0 * row_elems)
+        update[r0:r1] = method.update(blocks[1:1 + num_inputs], blocks[0], params, ctx=block_ctx, fisher=fisher)
+    if state is None:
+        state = method.state(params, update.numel(), compute_dtype, device)
+        while state.needs_pass():
+            for r0 in range(0, rows, step):
+                state.observe_update(update[r0:r0 + step])
+            state.end_pass()
+    out = torch.empty(shape, dtype=out_dtype)
+    for r0, r1, (base,) in row_blocks(raw[:1], step, compute_dtype, device):
+        out[r0:r1].copy_(method.finish(update[r0:r1], base, params, state))
     return out

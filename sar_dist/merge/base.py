@@ -205,6 +205,12 @@ class MergeMethod:
             Such tensors may also be processed in row chunks.
         keyed_random: whether ``fn`` draws keyed random numbers (``ops.keyed_uniform``): blocks are
             then whole random blocks, which are generated from their start.
+        update: for a method with a ``state`` that is gathered from an elementwise update alone
+            (``sar``'s arbitrated update), ``update(tensors, base, params, *, ctx, fisher)`` computes it
+            and ``finish(update, base, params, state)`` gives the merged block, where ``fn`` is
+            ``finish(update(...), ...)`` and ``state.observe_update(u)`` takes the update's row blocks:
+            the executor then computes each block's update once and runs every pass over it.
+        finish: see ``update``.
     """
 
     name: str
@@ -219,6 +225,8 @@ class MergeMethod:
     elementwise: Callable[[Any], bool] = lambda params: False
     state: Callable[..., Any] | None = None
     keyed_random: bool = False
+    update: Callable[..., Tensor] | None = None
+    finish: Callable[..., Tensor] | None = None
 
     def param_fields(self) -> Sequence[dataclasses.Field]:
         """The parameter fields, with their ``yaml``/``per_model``/``default``/``valid``/``why`` metadata."""
