@@ -9,9 +9,13 @@ safetensors headers and sizes, holes for the data (the files occupy almost no di
 the merge exactly as `sar-dist merge --dry-run` does (headers only, plus the few sampled blocks
 that match each model to its statistics) and prints, per output shard task, the bytes read and
 written and the planned peak memory under the budget, and a wall-time estimate for N nodes at a
-given per-node storage bandwidth: the merge is I/O bound, so
-    wall ~= max(total bytes moved / (N * bandwidth), largest task's bytes / bandwidth).
-It is an estimate from the plan, not a measurement.
+given per-node storage bandwidth, and a compute-bound one from a measured merge rate:
+    I/O:     max(total bytes moved / (N * bandwidth), largest task's bytes / bandwidth)
+    compute: max(total bytes read / (N * (vCPUs / 2) * rate), largest task's read bytes / rate)
+where ``rate`` is the marginal GB/s of input that one merge task reached on 2 vCPU
+(`bench/kernel_bench.py`, read from its results.json, or ``--rate-gb-s``), assumed to scale with
+the node's vCPUs in pairs (one task per 2 vCPUs). The wall is the larger of the two. These are
+estimates from the plan and one small measured rate, not a measurement of a 70B merge.
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ def main() -> int:
     p.add_argument("--models", type=int, default=4)
     p.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--node-gbps", type=float, default=2.0, help="storage bandwidth per node, GB/s")
+    p.add_argument("--node-vcpus", type=int, default=32, help="vCPUs per node (one merge task per 2)")
+    p.add_argument("--rate-gb-s", type=float, default=None,
+                   help="one task's merge rate on 2 vCPU, GB/s of input (default: sar's marginal rate in --kernel-results)")
+    p.add_argument("--kernel-results", default=str(REPO / "bench" / "out" / "kernel" / "results.json"))
     args = p.parse_args()
     root = Path(args.workdir)
     shapes = LLAMA3_70B.tensor_shapes()
@@ -104,10 +112,21 @@ def main() -> int:
     moved = s["read_bytes"] + s["write_bytes"]
     biggest = max(t["read_bytes"] + t["write_bytes"] for t in s["shards"])
     bw = args.node_gbps * 1e9
-    print(f"\n| nodes | estimated wall at {args.node_gbps:g} GB/s per node |\n|---:|---:|")
+    rate = args.rate_gb_s
+    if rate is None and Path(args.kernel_results).exists():
+        rate = json.loads(Path(args.kernel_results).read_text())["marginal"]["sar"]["gb_s"]
+    biggest_read = max(t["read_bytes"] for t in s["shards"])
+    print(f"\n| nodes | I/O-bound wall at {args.node_gbps:g} GB/s per node | compute-bound wall at "
+          f"{rate if rate else float('nan'):.3g} GB/s per 2 vCPU, {args.node_vcpus} vCPUs per node | estimate |"
+          f"\n|---:|---:|---:|---:|")
     for n in args.nodes:
-        wall = max(moved / (n * bw), biggest / bw)
-        print(f"| {n} | {wall / 60:.1f} min |")
+        io = max(moved / (n * bw), biggest / bw)
+        if rate:
+            per_node = max(1, args.node_vcpus // 2) * rate * 1e9
+            compute = max(s["read_bytes"] / (n * per_node), biggest_read / (rate * 1e9))
+            print(f"| {n} | {io / 60:.1f} min | {compute / 60:.1f} min | {max(io, compute) / 60:.1f} min |")
+        else:
+            print(f"| {n} | {io / 60:.1f} min | (no measured rate) | {io / 60:.1f} min |")
     for w in s["warnings"][:5]:
         print("warning:", w)
     return 0

@@ -115,6 +115,16 @@ def block_rows(shape: Sequence[int], device: torch.device | str) -> int:
     return max(1, block_numel(device) // row_elems)
 
 
+def method_block_rows(method: MergeMethod, shape: Sequence[int], device: torch.device | str) -> int:
+    """Rows per row block for ``method``: :func:`block_rows`, but never less than one keyed random
+    block (``ops.BLOCK_NUMEL`` entries) for a method that draws them, which generates a whole
+    random block for any part of it it needs."""
+    rows = block_rows(shape, device)
+    if method.keyed_random and len(shape) >= 2:
+        rows = max(rows, -(-ops.BLOCK_NUMEL // (math.prod(shape[1:]) or 1)))
+    return rows
+
+
 def row_blocks(
     raw: Sequence[Tensor], step: int, compute_dtype: torch.dtype, device: str
 ) -> Iterator[tuple[int, int, list[Tensor]]]:

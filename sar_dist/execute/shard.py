@@ -33,10 +33,10 @@ from sar_dist.checkpoint.format import DTYPES
 from sar_dist.checkpoint.reader import read_tensors
 from sar_dist.checkpoint.writer import ShardWriter
 from sar_dist.execute.blocks import (
-    block_rows,
     merge_blocks,
     merge_row_blocks,
     merge_via_update,
+    method_block_rows,
     observe_blocks,
     scale_fisher,
 )
@@ -122,7 +122,7 @@ def gather_state(
     compute = DTYPES[job.compute_dtype][0]
     state = method.state(job.params, math.prod(job.shape), compute, device)
     row_elems = math.prod(job.shape[1:])
-    step = block_rows(job.shape, device)
+    step = method_block_rows(method, job.shape, device)
     while state.needs_pass():
         for rows in _row_ranges(job):
             raw = read_tensors(storage, job.sources, rows, concurrency=concurrency)
@@ -234,7 +234,7 @@ def merge_unit(
     if method.state is not None and job.shape and shape[0] > 0:
         # whole-tensor statistics: passes over row blocks of the unit in memory (unless given for a
         # chunk of a larger tensor), then the merge block by block: no full-size temporaries
-        step = block_rows(job.shape, device)
+        step = method_block_rows(method, job.shape, device)
         ctx = TensorContext(name=job.name, seed=seed, offset=offset)
         if method.update is not None:  # the passes run over the unit's update, computed once
             out = merge_via_update(method, job.params, raw, state, num_inputs=len(job.inputs),
