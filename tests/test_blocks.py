@@ -113,3 +113,29 @@ def test_row_blocks_equal_whole(name, values, shape):
                 state.end_pass()
             got = merge_row_blocks(method, p, raw, state, has_base=True, out_dtype=torch.bfloat16, step=step, **kw)
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (name, shape, step)
+
+
+@pytest.mark.parametrize("weights,normalize,lam", [
+    ((0.7,), False, 1.0),
+    ((1.0, -0.3), True, 1.0),
+    ((0.3, 0.3, 0.4), True, 1.5),
+    ((0.5, -0.5, 1e-9, 2.0), True, -0.7),  # a weight sum below 1e-8 is not used as a divisor
+    ((0.5, -0.5), True, 0.3),
+])
+def test_task_arithmetic_kernel_is_the_method(weights, normalize, lam):
+    """The fused task_arithmetic block kernel gives the bits of ``fn`` on the block, including signed
+    zeros and, where the job allows them, infinities and NaN."""
+    method = METHODS["task_arithmetic"]
+    n = len(weights)
+    p = params("task_arithmetic", n, weight=1.0)
+    p = type(p)(weights=weights, densities=p.densities, lambda_=lam, normalize=normalize)
+    base, models = make_inputs((4099,), n, torch.float32, seed=n)
+    base[:5] = torch.tensor([0.0, -0.0, float("inf"), float("nan"), -0.0])
+    models[0][5:9] = torch.tensor([-0.0, float("-inf"), 3.0, -0.0])
+    kernel = method.kernel(p, n, torch.float32, "cpu")
+    assert kernel is not None
+    for stop in (4099, 1024, 1):
+        got = kernel([base[:stop], *[m[:stop] for m in models]], CTX)
+        want = method.fn([m[:stop] for m in models], base[:stop], p, ctx=CTX)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (weights, stop)
+    assert method.kernel(p, n, torch.bfloat16, "cpu") is None  # other dtypes keep fn

@@ -211,6 +211,10 @@ class MergeMethod:
             ``finish(update(...), ...)`` and ``state.observe_update(u)`` takes the update's row blocks:
             the executor then computes each block's update once and runs every pass over it.
         finish: see ``update``.
+        kernel: for an elementwise method, optionally ``kernel(params, num_inputs, compute_dtype,
+            device)`` returning a fused block function, or None where it does not apply:
+            ``f(blocks, ctx)`` takes one flat block of every source in the compute dtype (base first,
+            then the inputs) and returns the merged block, bit-identical to ``fn`` on it.
     """
 
     name: str
@@ -227,6 +231,7 @@ class MergeMethod:
     keyed_random: bool = False
     update: Callable[..., Tensor] | None = None
     finish: Callable[..., Tensor] | None = None
+    kernel: Callable[..., Callable[..., Tensor] | None] | None = None
 
     def param_fields(self) -> Sequence[dataclasses.Field]:
         """The parameter fields, with their ``yaml``/``per_model``/``default``/``valid``/``why`` metadata."""

@@ -33,6 +33,7 @@ from sar_dist.merge.methods.task_arithmetic import (
     TaskArithmeticParams,
     TiesParams,
     task_arithmetic,
+    task_arithmetic_kernel,
     ties,
     ties_state,
 )
@@ -75,7 +76,7 @@ def _no_rescale(p: DareLinearParams) -> bool:  # DARE drops are elementwise; its
 _ALL = [
     MergeMethod(name="linear", fn=linear, params_cls=LinearParams, needs_base=False, paper_url=LINEAR_URL, elementwise=_always),
     MergeMethod(name="slerp", fn=slerp, params_cls=SlerpParams, needs_base=True, paper_url=SLERP_URL, max_models=1, state=slerp_state),
-    MergeMethod(name="task_arithmetic", fn=task_arithmetic, params_cls=TaskArithmeticParams, needs_base=True, paper_url=TASK_ARITHMETIC_URL, elementwise=_always),
+    MergeMethod(name="task_arithmetic", fn=task_arithmetic, params_cls=TaskArithmeticParams, needs_base=True, paper_url=TASK_ARITHMETIC_URL, elementwise=_always, kernel=task_arithmetic_kernel),
     MergeMethod(name="ties", fn=ties, params_cls=TiesParams, needs_base=True, paper_url=TIES_URL, elementwise=_no_trim, state=ties_state),
     MergeMethod(name="dare_linear", fn=dare_linear, keyed_random=True, params_cls=DareLinearParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale, state=dare_state),
     MergeMethod(name="dare_ties", fn=dare_ties, keyed_random=True, params_cls=DareTiesParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale, state=dare_state),

@@ -132,6 +132,50 @@ def task_arithmetic(tensors: Sequence[Tensor], base: Tensor, p: TaskArithmeticPa
     return generalized_task_arithmetic(tensors, base, p, sparsify=None, elect=False)
 
 
+FUSED_MAX_MODELS = 4
+"""Up to this many models :func:`task_arithmetic_kernel` adds the weighted task vectors one by one
+onto a +0 accumulator, the order torch's CPU ``sum(dim=0)`` of a ``(K, n)`` float32 tensor takes
+for K <= 4 (the measurement ``sar.SPARSE_MAX_MODELS`` records); beyond, blocks keep the stacked sum."""
+
+
+def task_arithmetic_kernel(
+    p: TaskArithmeticParams, num_inputs: int, dtype: torch.dtype, device: torch.device | str
+) -> Callable[[Sequence[Tensor], TensorContext], Tensor] | None:
+    """A fused block kernel of ``task_arithmetic`` (``MergeMethod.kernel``), or None where it does not apply.
+
+    The block function takes ``[base, x_1, ..., x_K]`` (compute dtype, one flat block each) and returns
+    the merged block, bit-identical to :func:`task_arithmetic` on it: the same IEEE operations in the
+    same order (``x_i - base``, times ``w_i`` rounded to the compute dtype, summed in model order onto
+    +0, divided by the same divisor, times lambda, plus base), in two reused buffers instead of a
+    ``(K, n)`` stack, a weights tensor and four temporaries per block. CPU and float32 only (the
+    order of the sum was measured there).
+    """
+    if (dtype != torch.float32 or torch.device(device).type != "cpu" or not 1 <= num_inputs <= FUSED_MAX_MODELS):
+        return None
+    weights = torch.tensor(p.weights, dtype=dtype).view(num_inputs, 1)
+    divisor = weights.sum(dim=0)  # as generalized_task_arithmetic forms it
+    divisor[divisor.abs() < 1e-8] = 1
+    scales = list(weights.view(-1).unbind(0))
+    work: list[Tensor] = []
+
+    def block(blocks: Sequence[Tensor], ctx: TensorContext) -> Tensor:
+        base, inputs = blocks[0], blocks[1:]
+        n = base.numel()
+        if not work or work[0].numel() < n:
+            work[:] = [torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)]
+        acc, delta = work[0][:n].zero_(), work[1][:n]
+        for x, w in zip(inputs, scales, strict=True):
+            torch.sub(x, base, out=delta)
+            acc.add_(delta.mul_(w))
+        if p.normalize:
+            acc.div_(divisor)
+        if p.lambda_ != 1:
+            acc.mul_(p.lambda_)
+        return torch.add(base, acc, out=acc)  # base + mixed, operands in the same order
+
+    return block
+
+
 def ties_state(p: TiesParams, numel: int, dtype: torch.dtype, device: torch.device | str) -> TrimState:
     """The whole-tensor trim statistics ``ties`` needs, for a chunked run (see ``trim.py``)."""
     return TrimState(p.densities, p.rescale, numel, dtype, device)
