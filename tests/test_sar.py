@@ -203,6 +203,29 @@ def test_chunked_merge_equals_whole_through_the_executor(tmp_path, tiny_models, 
         assert torch.equal(outs["whole"][k], outs["chunked"][k]), k
 
 
+def test_held_update_equals_passes_over_the_sources(tmp_path, tiny_models, fisher_dirs):
+    """A chunked SAR tensor whose update fits half the budget is merged from that update held in
+    memory (each source chunk read once; ``TensorJob.cache_update``); one that does not fit takes
+    the passes over the sources. Both give the whole-tensor bits."""
+    whole = None
+    kinds = set()
+    for budget in (2**30, 6_000, 30_000, 100_000, 300_000):
+        job = _sar_job(tiny_models, fisher_dirs, str(tmp_path / f"b{budget}"))
+        plan = build_plan(job, memory_budget=budget)
+        for t in (t for s in plan.tasks for t in s.tensors if t.shape and 0 < t.chunk_rows < t.shape[0]):
+            kinds.add("held" if t.cache_update else "passes")
+            assert not t.cache_update or 2 * t.update_bytes <= budget
+        execute(prepare(plan), executor="local")
+        got = load_safetensors_dir(tmp_path / f"b{budget}")
+        if whole is None:
+            whole = got
+            continue
+        assert got.keys() == whole.keys()
+        for k in whole:
+            assert torch.equal(got[k], whole[k]), (budget, k)
+    assert kinds == {"held", "passes"}
+
+
 def test_merge_stage_applies_fisher_scaling(tmp_path, tiny_models, fisher_dirs):
     """The executor hands the method F = sum / num_examples / l2_norm_mean (fisher_norm: l2)."""
     job = _sar_job(tiny_models, fisher_dirs, str(tmp_path / "o"), density=1.0, arbitration="fisher_mean",

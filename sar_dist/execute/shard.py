@@ -38,6 +38,7 @@ from sar_dist.execute.blocks import (
     merge_via_update,
     method_block_rows,
     observe_blocks,
+    row_blocks,
     scale_fisher,
 )
 from sar_dist.finite import NonFiniteError, check_finite
@@ -72,6 +73,9 @@ def _row_ranges(job: TensorJob) -> list[tuple[int, int] | None]:
 
 def _units(task: ShardTask) -> Iterator[Unit]:
     for job in task.tensors:
+        if job.cache_update:  # one unit: its chunks are read by merge_cached_update itself
+            yield job, None
+            continue
         for rows in _row_ranges(job):
             yield job, rows
 
@@ -137,6 +141,46 @@ def gather_state(
     return state, checked
 
 
+def merge_cached_update(
+    method: MergeMethod, job: TensorJob, storage: Storage, device: str, seed: int, concurrency: int,
+    arena: ReadArena, check: bool,
+) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+    """Merge a ``cache_update`` tensor: every chunk of its sources is read once and its update
+    computed into one whole-tensor buffer; the state's passes run over that buffer; then each
+    chunk of the output is finished from it and the base, read again (``(rows, merged chunk)``
+    in order). The bits are those of the chunked passes over the sources (the passes see the same
+    update entries in the same order). With ``check``, every source chunk is checked as read."""
+    compute = DTYPES[job.compute_dtype][0]
+    out_dtype = DTYPES[job.out_dtype][0]
+    row_elems = math.prod(job.shape[1:])
+    step = method_block_rows(method, job.shape, device)
+    n = len(job.inputs)
+    update = torch.empty(job.shape, dtype=compute, device=device)
+    for rows in _row_ranges(job):
+        assert rows is not None
+        raw = read_tensors(storage, job.sources, rows, concurrency=concurrency, allocate=arena.allocate)
+        if check:
+            check_inputs(job, rows, raw)
+        for r0, r1, blocks in row_blocks(raw, step, compute, device):
+            ctx = TensorContext(name=job.name, seed=seed, offset=(rows[0] + r0) * row_elems)
+            fisher = scale_fisher(blocks[1 + n:], job.fisher_scale)
+            update[rows[0] + r0:rows[0] + r1] = method.update(blocks[1:1 + n], blocks[0], job.params, ctx=ctx,
+                                                              fisher=fisher)
+        del raw
+    state = method.state(job.params, update.numel(), compute, device)
+    while state.needs_pass():
+        for r0 in range(0, job.shape[0], step):
+            state.observe_update(update[r0:r0 + step])
+        state.end_pass()
+    for rows in _row_ranges(job):
+        assert rows is not None
+        base = read_tensors(storage, job.sources[:1], rows, concurrency=concurrency, allocate=arena.allocate)
+        out = torch.empty(base[0].shape, dtype=out_dtype)
+        for r0, r1, (b,) in row_blocks(base, step, compute, device):
+            out[r0:r1].copy_(method.finish(update[rows[0] + r0:rows[0] + r1], b, job.params, state))
+        yield rows, out
+
+
 def _state_from_memory(method: MergeMethod, job: TensorJob, raw: Sequence[torch.Tensor], ctx: TensorContext,
                        compute: torch.dtype, device: str, step: int) -> Any:
     """Whole-tensor statistics of a tensor held whole in memory: its passes run over row blocks of
@@ -190,8 +234,11 @@ def _one_thread() -> None:
 def _read_unit(storage: Storage, unit: Unit, concurrency: int, check: bool = False,
                arena: ReadArena | None = None) -> list[torch.Tensor]:
     """Read a unit's sources (on the prefetch thread; into ``arena`` if given); with ``check``,
-    check them there too, beside the merge of the previous unit."""
+    check them there too, beside the merge of the previous unit. A ``cache_update`` tensor reads
+    its own chunks (nothing is read here)."""
     job, rows = unit
+    if job.cache_update:
+        return []
     raw = read_tensors(storage, job.sources, rows, concurrency=concurrency,
                        allocate=arena.allocate if arena is not None else None)
     if check:
@@ -325,6 +372,19 @@ def _run_shard_task(task: ShardTask, on_tensor: Callable[[TensorJob], None] | No
             assert pending is not None
             raw = pending.result()  # raises the prefetch thread's NonFiniteError here
             job, rows = unit
+            if job.cache_update:
+                # reads its chunks into this unit's arena; the next unit is read beside it
+                pending = prefetch(i + 1) if i + 1 < len(units) else None
+                for chunk_rows, out in merge_cached_update(method, job, storage, task.device, task.seed,
+                                                           task.read_concurrency, arenas[i % 2], check_in):
+                    if check:
+                        check_output(job, chunk_rows, out, task.url)
+                    while len(writes) >= WRITES_IN_FLIGHT:
+                        written(*writes.popleft())
+                    last = chunk_rows[1] == job.shape[0]
+                    writes.append((write_pool.submit(writer.write, job.name, out), job if last else None))
+                    del out
+                continue
             if stateful(unit) and rows[0] == 0:
                 state, state_checked = gather_state(method, job, storage, task.device, task.seed,
                                                     task.read_concurrency, check=check_in)  # before its first block

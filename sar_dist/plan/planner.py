@@ -211,6 +211,14 @@ def build_plan(
             method.state is not None and len(tj.shape) >= 2
         )
         rows, fits = _pick_chunk_rows(tj, chunkable, memory_budget)
+        if (chunkable and tj.params is not None and method.update is not None and not method.elementwise(tj.params)
+                and rows < tj.shape[0]):
+            # hold the tensor's update (half the budget at most) and chunk the reads in the rest:
+            # one read of every source instead of one per pass
+            update = math.prod(tj.shape) * DTYPES[compute][1]
+            if 2 * update <= memory_budget:
+                rows, fits = _pick_chunk_rows(tj, chunkable, memory_budget - update)
+                tj = dataclasses.replace(tj, cache_update=True)
         if not fits:
             need = unit_bytes(tj, rows if chunkable else (tj.shape[0] if tj.shape else 1))
             why = "one row" if chunkable else f"processed whole: {method.name} needs whole-tensor statistics"
@@ -239,7 +247,7 @@ def build_plan(
     read_buffer = read_concurrency * READ_PART_BYTES if remote_inputs else 0
     for i, shard_jobs in enumerate(shards):
         file_name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        peak = max((unit_bytes(j, j.chunk_rows or 1) for j in shard_jobs), default=0)
+        peak = max((unit_bytes(j, j.chunk_rows or 1) + j.update_bytes for j in shard_jobs), default=0)
         # a state's statistics are held beside the blocks, outside the budget for tensor blocks
         state = max((state_bytes(j, method) for j in shard_jobs), default=0)
         tasks.append(

@@ -8,6 +8,7 @@ metadata on Ray Data's ``ReadTask``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,10 @@ class TensorJob:
         params: the method's params resolved for this tensor; None means copy ``copy_from``.
         copy_from: for non-float tensors, the source copied unchanged.
         chunk_rows: rows per chunk (the whole first dimension when not chunked).
+        cache_update: for a chunked tensor of a method with ``MergeMethod.update`` whose state needs
+            passes: its update (compute dtype, the whole tensor) is held in memory, so every chunk
+            of its sources is read once and the passes run over the update; the finishing step
+            reads only the base again.
     """
 
     name: str
@@ -47,6 +52,12 @@ class TensorJob:
     params: Any = None
     copy_from: TensorRef | None = None
     chunk_rows: int = 0
+    cache_update: bool = False
+
+    @property
+    def update_bytes(self) -> int:
+        """Bytes of the held update of a ``cache_update`` tensor (0 otherwise)."""
+        return math.prod(self.shape) * DTYPES[self.compute_dtype][1] if self.cache_update else 0
 
     @property
     def sources(self) -> tuple[TensorRef, ...]:
