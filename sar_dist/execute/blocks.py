@@ -168,6 +168,18 @@ def row_blocks(
                        for buf, r in zip(buffers, raw, strict=True)]
 
 
+def _split_block(
+    blocks: list[Tensor], r0: int, row_elems: int, *, has_base: bool, num_inputs: int,
+    fisher_scale: Sequence[float], ctx: TensorContext,
+) -> tuple[list[Tensor], Tensor | None, dict[str, Any], TensorContext]:
+    """A row block's inputs, base, ``fisher`` keyword (scaled statistics, if any) and context."""
+    first_input = 1 if has_base else 0
+    fisher = scale_fisher(blocks[first_input + num_inputs:], fisher_scale)
+    return (blocks[first_input:first_input + num_inputs], blocks[0] if has_base else None,
+            {"fisher": fisher} if fisher else {},
+            TensorContext(name=ctx.name, seed=ctx.seed, offset=ctx.offset + r0 * row_elems))
+
+
 def observe_blocks(
     state: Any, raw: Sequence[Tensor], *, has_base: bool, num_inputs: int, fisher_scale: Sequence[float],
     ctx: TensorContext, compute_dtype: torch.dtype, device: str, step: int,
@@ -177,16 +189,10 @@ def observe_blocks(
     ``ctx.offset`` is the flat index of the unit's first entry; each block's context is offset from it.
     """
     row_elems = raw[0].numel() // raw[0].shape[0] if raw[0].shape[0] else 0
-    first_input = 1 if has_base else 0
     for r0, _, blocks in row_blocks(raw, step, compute_dtype, device):
-        base = blocks[0] if has_base else None
-        inputs = blocks[first_input:first_input + num_inputs]
-        fisher = scale_fisher(blocks[first_input + num_inputs:], fisher_scale)
-        block_ctx = TensorContext(name=ctx.name, seed=ctx.seed, offset=ctx.offset + r0 * row_elems)
-        if fisher:
-            state.observe(inputs, base, block_ctx, fisher=fisher)
-        else:
-            state.observe(inputs, base, block_ctx)
+        inputs, base, kwargs, block_ctx = _split_block(blocks, r0, row_elems, has_base=has_base, num_inputs=num_inputs,
+                                                       fisher_scale=fisher_scale, ctx=ctx)
+        state.observe(inputs, base, block_ctx, **kwargs)
 
 
 def merge_row_blocks(
@@ -212,13 +218,9 @@ def merge_row_blocks(
     """
     out = torch.empty(raw[0].shape, dtype=out_dtype)
     row_elems = raw[0].numel() // raw[0].shape[0] if raw[0].shape[0] else 0
-    first_input = 1 if has_base else 0
     for r0, r1, blocks in row_blocks(raw, step, compute_dtype, device):
-        base = blocks[0] if has_base else None
-        inputs = blocks[first_input:first_input + num_inputs]
-        fisher = scale_fisher(blocks[first_input + num_inputs:], fisher_scale)
-        kwargs: dict[str, Any] = {"fisher": fisher} if fisher else {}
-        block_ctx = TensorContext(name=ctx.name, seed=ctx.seed, offset=ctx.offset + r0 * row_elems)
+        inputs, base, kwargs, block_ctx = _split_block(blocks, r0, row_elems, has_base=has_base, num_inputs=num_inputs,
+                                                       fisher_scale=fisher_scale, ctx=ctx)
         result = method.fn(inputs, base, params, ctx=block_ctx, state=state, **kwargs)
         out[r0:r1].copy_(result)
     return out
