@@ -105,7 +105,8 @@ def test_row_blocks_equal_whole(name, values, shape):
               device="cpu")
     for step in ((4, 1) if len(shape) > 1 else (shape[0],)):
         if method.update is not None:
-            got = merge_via_update(method, p, raw, None, out_dtype=torch.bfloat16, step=step, **kw)
+            got = merge_via_update(method, p, raw, None, out_dtype=torch.bfloat16, step=step,
+                                   **{k: v for k, v in kw.items() if k != "ctx"})
         else:
             state = method.state(p, base.numel(), torch.float32, "cpu")
             while state.needs_pass():

@@ -226,6 +226,40 @@ def merge_row_blocks(
     return out
 
 
+def fill_update(
+    method: MergeMethod, params: Any, raw: Sequence[Tensor], update: Tensor, *, num_inputs: int,
+    fisher_scale: Sequence[float], compute_dtype: torch.dtype, device: str, step: int,
+) -> None:
+    """Compute the ``MergeMethod.update`` of a unit's sources (base first) into ``update`` (its shape,
+    compute dtype), row block by row block."""
+    for r0, r1, blocks in row_blocks(raw, step, compute_dtype, device):
+        fisher = scale_fisher(blocks[1 + num_inputs:], fisher_scale)
+        update[r0:r1] = method.update(blocks[1:1 + num_inputs], blocks[0], params, fisher)
+
+
+def state_over_update(method: MergeMethod, params: Any, update: Tensor, *, compute_dtype: torch.dtype,
+                      device: str, step: int) -> Any:
+    """A whole tensor's state, its passes run over row blocks of its held update (in order)."""
+    state = method.state(params, update.numel(), compute_dtype, device)
+    while state.needs_pass():
+        for r0 in range(0, update.shape[0], step):
+            state.observe_update(update[r0:r0 + step])
+        state.end_pass()
+    return state
+
+
+def finish_update(
+    method: MergeMethod, params: Any, update: Tensor, base: Tensor, state: Any, *, compute_dtype: torch.dtype,
+    out_dtype: torch.dtype, device: str, step: int,
+) -> Tensor:
+    """The merged rows from their update and the base's same rows (stored dtype), row block by row
+    block (``MergeMethod.finish``), in ``out_dtype`` on the CPU."""
+    out = torch.empty(base.shape, dtype=out_dtype)
+    for r0, r1, (b,) in row_blocks([base], step, compute_dtype, device):
+        out[r0:r1].copy_(method.finish(update[r0:r1], b, params, state))
+    return out
+
+
 def merge_via_update(
     method: MergeMethod,
     params: Any,
@@ -234,34 +268,22 @@ def merge_via_update(
     *,
     num_inputs: int,
     fisher_scale: Sequence[float],
-    ctx: TensorContext,
     compute_dtype: torch.dtype,
     out_dtype: torch.dtype,
     device: str,
     step: int,
 ) -> Tensor:
-    """Merge one unit of a method with ``MergeMethod.update``: each row block's update is computed
-    once into one compute-dtype tensor of the unit's shape; the state's passes (when ``state`` is
-    None: the unit is the whole tensor) and the finishing step then run over it, not over the inputs.
+    """Merge one unit of a method with ``MergeMethod.update``: the unit's update is computed once
+    (:func:`fill_update`); the state's passes (when ``state`` is None: the unit is the whole tensor)
+    and the finishing step then run over it, not over the inputs.
 
     ``raw`` starts with the base (these methods take one). Returns the merged unit, in ``out_dtype``,
     on the CPU.
     """
-    shape = raw[0].shape
-    rows = shape[0]
-    row_elems = raw[0].numel() // rows
-    update = torch.empty(shape, dtype=compute_dtype, device=device)
-    for r0, r1, blocks in row_blocks(raw, step, compute_dtype, device):
-        fisher = scale_fisher(blocks[1 + num_inputs:], fisher_scale)
-        block_ctx = TensorContext(name=ctx.name, seed=ctx.seed, offset=ctx.offset + r0 * row_elems)
-        update[r0:r1] = method.update(blocks[1:1 + num_inputs], blocks[0], params, ctx=block_ctx, fisher=fisher)
+    update = torch.empty(raw[0].shape, dtype=compute_dtype, device=device)
+    fill_update(method, params, raw, update, num_inputs=num_inputs, fisher_scale=fisher_scale,
+                compute_dtype=compute_dtype, device=device, step=step)
     if state is None:
-        state = method.state(params, update.numel(), compute_dtype, device)
-        while state.needs_pass():
-            for r0 in range(0, rows, step):
-                state.observe_update(update[r0:r0 + step])
-            state.end_pass()
-    out = torch.empty(shape, dtype=out_dtype)
-    for r0, r1, (base,) in row_blocks(raw[:1], step, compute_dtype, device):
-        out[r0:r1].copy_(method.finish(update[r0:r1], base, params, state))
-    return out
+        state = state_over_update(method, params, update, compute_dtype=compute_dtype, device=device, step=step)
+    return finish_update(method, params, update, raw[0], state, compute_dtype=compute_dtype, out_dtype=out_dtype,
+                         device=device, step=step)

@@ -33,13 +33,15 @@ from sar_dist.checkpoint.format import DTYPES
 from sar_dist.checkpoint.reader import read_tensors
 from sar_dist.checkpoint.writer import ShardWriter
 from sar_dist.execute.blocks import (
+    fill_update,
+    finish_update,
     merge_blocks,
     merge_row_blocks,
     merge_via_update,
     method_block_rows,
     observe_blocks,
-    row_blocks,
     scale_fisher,
+    state_over_update,
 )
 from sar_dist.finite import NonFiniteError, check_finite
 from sar_dist.merge.base import MergeMethod, TensorContext
@@ -142,8 +144,8 @@ def gather_state(
 
 
 def merge_cached_update(
-    method: MergeMethod, job: TensorJob, storage: Storage, device: str, seed: int, concurrency: int,
-    arena: ReadArena, check: bool,
+    method: MergeMethod, job: TensorJob, storage: Storage, device: str, concurrency: int, arena: ReadArena,
+    check: bool,
 ) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
     """Merge a ``cache_update`` tensor: every chunk of its sources is read once and its update
     computed into one whole-tensor buffer; the state's passes run over that buffer; then each
@@ -151,34 +153,26 @@ def merge_cached_update(
     in order). The bits are those of the chunked passes over the sources (the passes see the same
     update entries in the same order). With ``check``, every source chunk is checked as read."""
     compute = DTYPES[job.compute_dtype][0]
-    out_dtype = DTYPES[job.out_dtype][0]
-    row_elems = math.prod(job.shape[1:])
     step = method_block_rows(method, job.shape, device)
-    n = len(job.inputs)
+    kw = {"compute_dtype": compute, "device": device, "step": step}
     update = torch.empty(job.shape, dtype=compute, device=device)
-    for rows in _row_ranges(job):
-        assert rows is not None
-        raw = read_tensors(storage, job.sources, rows, concurrency=concurrency, allocate=arena.allocate)
+    for r0, r1 in map(_rows, _row_ranges(job)):
+        raw = read_tensors(storage, job.sources, (r0, r1), concurrency=concurrency, allocate=arena.allocate)
         if check:
-            check_inputs(job, rows, raw)
-        for r0, r1, blocks in row_blocks(raw, step, compute, device):
-            ctx = TensorContext(name=job.name, seed=seed, offset=(rows[0] + r0) * row_elems)
-            fisher = scale_fisher(blocks[1 + n:], job.fisher_scale)
-            update[rows[0] + r0:rows[0] + r1] = method.update(blocks[1:1 + n], blocks[0], job.params, ctx=ctx,
-                                                              fisher=fisher)
+            check_inputs(job, (r0, r1), raw)
+        fill_update(method, job.params, raw, update[r0:r1], num_inputs=len(job.inputs),
+                    fisher_scale=job.fisher_scale, **kw)
         del raw
-    state = method.state(job.params, update.numel(), compute, device)
-    while state.needs_pass():
-        for r0 in range(0, job.shape[0], step):
-            state.observe_update(update[r0:r0 + step])
-        state.end_pass()
-    for rows in _row_ranges(job):
-        assert rows is not None
-        base = read_tensors(storage, job.sources[:1], rows, concurrency=concurrency, allocate=arena.allocate)
-        out = torch.empty(base[0].shape, dtype=out_dtype)
-        for r0, r1, (b,) in row_blocks(base, step, compute, device):
-            out[r0:r1].copy_(method.finish(update[rows[0] + r0:rows[0] + r1], b, job.params, state))
-        yield rows, out
+    state = state_over_update(method, job.params, update, **kw)
+    for r0, r1 in map(_rows, _row_ranges(job)):
+        (base,) = read_tensors(storage, job.sources[:1], (r0, r1), concurrency=concurrency, allocate=arena.allocate)
+        yield (r0, r1), finish_update(method, job.params, update[r0:r1], base, state,
+                                      out_dtype=DTYPES[job.out_dtype][0], **kw)
+
+
+def _rows(rows: tuple[int, int] | None) -> tuple[int, int]:
+    assert rows is not None, "a cache_update tensor is chunked"
+    return rows
 
 
 def _state_from_memory(method: MergeMethod, job: TensorJob, raw: Sequence[torch.Tensor], ctx: TensorContext,
@@ -285,7 +279,7 @@ def merge_unit(
         ctx = TensorContext(name=job.name, seed=seed, offset=offset)
         if method.update is not None:  # the passes run over the unit's update, computed once
             out = merge_via_update(method, job.params, raw, state, num_inputs=len(job.inputs),
-                                   fisher_scale=job.fisher_scale, ctx=ctx, compute_dtype=compute,
+                                   fisher_scale=job.fisher_scale, compute_dtype=compute,
                                    out_dtype=out_dtype, device=device, step=step)
             raw.clear()
             return out
@@ -375,8 +369,8 @@ def _run_shard_task(task: ShardTask, on_tensor: Callable[[TensorJob], None] | No
             if job.cache_update:
                 # reads its chunks into this unit's arena; the next unit is read beside it
                 pending = prefetch(i + 1) if i + 1 < len(units) else None
-                for chunk_rows, out in merge_cached_update(method, job, storage, task.device, task.seed,
-                                                           task.read_concurrency, arenas[i % 2], check_in):
+                for chunk_rows, out in merge_cached_update(method, job, storage, task.device, task.read_concurrency,
+                                                           arenas[i % 2], check_in):
                     if check:
                         check_output(job, chunk_rows, out, task.url)
                     while len(writes) >= WRITES_IN_FLIGHT:

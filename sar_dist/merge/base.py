@@ -206,7 +206,7 @@ class MergeMethod:
         keyed_random: whether ``fn`` draws keyed random numbers (``ops.keyed_uniform``): blocks are
             then whole random blocks, which are generated from their start.
         update: for a method with a ``state`` that is gathered from an elementwise update alone
-            (``sar``'s arbitrated update), ``update(tensors, base, params, *, ctx, fisher)`` computes it
+            (``sar``'s arbitrated update), ``update(tensors, base, params, fisher)`` computes it
             and ``finish(update, base, params, state)`` gives the merged block, where ``fn`` is
             ``finish(update(...), ...)`` and ``state.observe_update(u)`` takes the update's row blocks:
             the executor then computes each block's update once and runs every pass over it.

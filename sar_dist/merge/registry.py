@@ -21,10 +21,10 @@ from sar_dist.merge.methods.sar import (
     SarParams,
     fisher,
     sar,
-    sar_block_update,
     sar_elementwise,
     sar_finish,
     sar_state,
+    sar_update,
 )
 from sar_dist.merge.methods.slerp import SLERP_URL, SlerpParams, slerp, slerp_state
 from sar_dist.merge.methods.task_arithmetic import (
@@ -88,7 +88,7 @@ _ALL = [
     MergeMethod(name="della_linear", fn=della_linear, keyed_random=True, params_cls=DellaLinearParams, needs_base=True, paper_url=DELLA_URL, elementwise=_no_trim, state=della_state),
     MergeMethod(name="ram", fn=ram, params_cls=RamParams, needs_base=True, paper_url=RAM_URL, elementwise=_always),
     MergeMethod(name="ramplus_tl", fn=ramplus_tl, params_cls=RamplusTlParams, needs_base=True, paper_url=RAM_URL, state=ramplus_tl_state),
-    MergeMethod(name="sar", fn=sar, params_cls=SarParams, needs_base=True, paper_url=SAR_URL, needs_fisher=True, elementwise=sar_elementwise, state=sar_state, update=sar_block_update, finish=sar_finish),
+    MergeMethod(name="sar", fn=sar, params_cls=SarParams, needs_base=True, paper_url=SAR_URL, needs_fisher=True, elementwise=sar_elementwise, state=sar_state, update=sar_update, finish=sar_finish),
     MergeMethod(name="fisher", fn=fisher, params_cls=FisherParams, needs_base=False, paper_url=FISHER_URL, needs_fisher=True, merges_base=False, elementwise=_always),
 ]  # fmt: skip
 

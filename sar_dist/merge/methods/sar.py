@@ -388,12 +388,6 @@ def sar(tensors: Sequence[Tensor], base: Tensor, p: SarParams, *, ctx: TensorCon
     return sar_finish(u, base, p, state)
 
 
-def sar_block_update(tensors: Sequence[Tensor], base: Tensor, p: SarParams, *, ctx: TensorContext,
-                     fisher: Sequence[Tensor]) -> Tensor:
-    """Steps 1-3 of a block, as ``MergeMethod.update`` (``ctx`` unused: deterministic)."""
-    return sar_update(tensors, base, p, fisher)
-
-
 def sar_finish(u: Tensor, base: Tensor, p: SarParams, state: SarState) -> Tensor:
     """Steps 4-5 of a block from its update ``u`` (``MergeMethod.finish``): ``base + lambda * sparsify(u)``."""
     return base + state.sparsify(u).mul_(p.lam)
