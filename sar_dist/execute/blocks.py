@@ -26,11 +26,14 @@ from torch import Tensor
 from sar_dist.merge import ops
 from sar_dist.merge.base import MergeMethod, TensorContext
 
-CPU_BLOCK_NUMEL = 2**16
-"""Entries per block on the CPU: the float32 buffers of a SAR merge of three models (seven sources)
-then take about 1.8 MB, sized for L2. Measured once against whole units on 2 vCPU (16M entries,
-three bf16 models): task_arithmetic 2.31 GB/s in these blocks, 0.13 GB/s whole. Other sizes have
-not been compared yet."""
+CPU_BLOCK_NUMEL = 2**18
+"""Entries per block on the CPU (1 MiB per float32 buffer; the float32 buffers of a SAR merge of three
+models, seven sources, take 7 MiB, in L3 beside the per-core L2). Measured on 2 vCPU with
+bench/unit_bench.py (one 2048 x 5632 tensor, three bf16 models, best of 3, GB/s of input) at 2**16,
+2**18 and 2**20: task_arithmetic 2.52 / 3.21 / 2.73, ties 0.40 / 0.59 / 0.58, dare_ties 0.23 / 0.32 /
+0.35, sar 1.23 / 1.59 / 1.56, sar at density 0.5 0.85 / 1.28 / 1.21 (each op's fixed cost is paid 4x
+less often than at 2**16, and the blocks still stay in cache). Earlier, 2**16 blocks against whole
+units (16M entries): task_arithmetic 2.31 GB/s in blocks, 0.13 GB/s whole."""
 
 CUDA_BLOCK_NUMEL = 2**25
 """Entries per block on a GPU: large enough that kernel launches do not dominate."""
@@ -101,8 +104,6 @@ def _merge_blocks(
     """The block loop of :func:`merge_blocks`, into ``out``."""
     numel = out.numel()
     step = block or block_numel(device)
-    if method.keyed_random:  # a keyed random block is generated from its start: never split one
-        step = -(-step // ops.BLOCK_NUMEL) * ops.BLOCK_NUMEL
     flat = [r.reshape(-1) for r in raw]
     flat_out = out.view(-1)
     first_input = 1 if has_base else 0
@@ -134,16 +135,6 @@ def block_rows(shape: Sequence[int], device: torch.device | str) -> int:
         return max(1, shape[0] if shape else 1)
     row_elems = math.prod(shape[1:]) or 1
     return max(1, block_numel(device) // row_elems)
-
-
-def method_block_rows(method: MergeMethod, shape: Sequence[int], device: torch.device | str) -> int:
-    """Rows per row block for ``method``: :func:`block_rows`, but never less than one keyed random
-    block (``ops.BLOCK_NUMEL`` entries) for a method that draws them, which generates a whole
-    random block for any part of it it needs."""
-    rows = block_rows(shape, device)
-    if method.keyed_random and len(shape) >= 2:
-        rows = max(rows, -(-ops.BLOCK_NUMEL // (math.prod(shape[1:]) or 1)))
-    return rows
 
 
 def row_blocks(

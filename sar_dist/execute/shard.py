@@ -33,12 +33,12 @@ from sar_dist.checkpoint.format import DTYPES
 from sar_dist.checkpoint.reader import read_tensors
 from sar_dist.checkpoint.writer import ShardWriter
 from sar_dist.execute.blocks import (
+    block_rows,
     fill_update,
     finish_update,
     merge_blocks,
     merge_row_blocks,
     merge_via_update,
-    method_block_rows,
     observe_blocks,
     scale_fisher,
     state_over_update,
@@ -128,7 +128,7 @@ def gather_state(
     compute = DTYPES[job.compute_dtype][0]
     state = method.state(job.params, math.prod(job.shape), compute, device)
     row_elems = math.prod(job.shape[1:])
-    step = method_block_rows(method, job.shape, device)
+    step = block_rows(job.shape, device)
     while state.needs_pass():
         for rows in _row_ranges(job):
             raw = read_tensors(storage, job.sources, rows, concurrency=concurrency)
@@ -153,7 +153,7 @@ def merge_cached_update(
     in order). The bits are those of the chunked passes over the sources (the passes see the same
     update entries in the same order). With ``check``, every source chunk is checked as read."""
     compute = DTYPES[job.compute_dtype][0]
-    step = method_block_rows(method, job.shape, device)
+    step = block_rows(job.shape, device)
     kw = {"compute_dtype": compute, "device": device, "step": step}
     update = torch.empty(job.shape, dtype=compute, device=device)
     for r0, r1 in map(_rows, _row_ranges(job)):
@@ -180,6 +180,8 @@ def _state_from_memory(method: MergeMethod, job: TensorJob, raw: Sequence[torch.
     """Whole-tensor statistics of a tensor held whole in memory: its passes run over row blocks of
     the sources as read (one read of the tensor, however many passes)."""
     state = method.state(job.params, math.prod(job.shape), compute, device)
+    if hasattr(state, "hold_masks"):  # the merge reuses the passes' random masks (the unit is in memory)
+        state.hold_masks()
     while state.needs_pass():
         observe_blocks(state, raw, has_base=job.base is not None, num_inputs=len(job.inputs),
                        fisher_scale=job.fisher_scale, ctx=ctx, compute_dtype=compute, device=device, step=step)
@@ -275,7 +277,7 @@ def merge_unit(
     if method.state is not None and job.shape and shape[0] > 0:
         # whole-tensor statistics: passes over row blocks of the unit in memory (unless given for a
         # chunk of a larger tensor), then the merge block by block: no full-size temporaries
-        step = method_block_rows(method, job.shape, device)
+        step = block_rows(job.shape, device)
         ctx = TensorContext(name=job.name, seed=seed, offset=offset)
         if method.update is not None:  # the passes run over the unit's update, computed once
             out = merge_via_update(method, job.params, raw, state, num_inputs=len(job.inputs),

@@ -203,8 +203,6 @@ class MergeMethod:
             (``needs_pass()``, ``observe(tensors, base, ctx)`` per chunk in order, ``end_pass()``);
             ``fn(..., state=s)`` then merges the chunks in order, exactly as the whole tensor.
             Such tensors may also be processed in row chunks.
-        keyed_random: whether ``fn`` draws keyed random numbers (``ops.keyed_uniform``): blocks are
-            then whole random blocks, which are generated from their start.
         update: for a method with a ``state`` that is gathered from an elementwise update alone
             (``sar``'s arbitrated update), ``update(tensors, base, params, fisher)`` computes it
             and ``finish(update, base, params, state)`` gives the merged block, where ``fn`` is
@@ -228,7 +226,6 @@ class MergeMethod:
     max_models: int | None = None
     elementwise: Callable[[Any], bool] = lambda params: False
     state: Callable[..., Any] | None = None
-    keyed_random: bool = False
     update: Callable[..., Tensor] | None = None
     finish: Callable[..., Tensor] | None = None
     kernel: Callable[..., Callable[..., Tensor] | None] | None = None

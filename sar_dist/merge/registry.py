@@ -78,14 +78,14 @@ _ALL = [
     MergeMethod(name="slerp", fn=slerp, params_cls=SlerpParams, needs_base=True, paper_url=SLERP_URL, max_models=1, state=slerp_state),
     MergeMethod(name="task_arithmetic", fn=task_arithmetic, params_cls=TaskArithmeticParams, needs_base=True, paper_url=TASK_ARITHMETIC_URL, elementwise=_always, kernel=task_arithmetic_kernel),
     MergeMethod(name="ties", fn=ties, params_cls=TiesParams, needs_base=True, paper_url=TIES_URL, elementwise=_no_trim, state=ties_state),
-    MergeMethod(name="dare_linear", fn=dare_linear, keyed_random=True, params_cls=DareLinearParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale, state=dare_state),
-    MergeMethod(name="dare_ties", fn=dare_ties, keyed_random=True, params_cls=DareTiesParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale, state=dare_state),
+    MergeMethod(name="dare_linear", fn=dare_linear, params_cls=DareLinearParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale, state=dare_state),
+    MergeMethod(name="dare_ties", fn=dare_ties, params_cls=DareTiesParams, needs_base=True, paper_url=DARE_URL, elementwise=_no_rescale, state=dare_state),
     MergeMethod(name="breadcrumbs", fn=breadcrumbs, params_cls=BreadcrumbsParams, needs_base=True, paper_url=BREADCRUMBS_URL, elementwise=_no_trim, state=breadcrumbs_state),
     MergeMethod(name="breadcrumbs_ties", fn=breadcrumbs_ties, params_cls=BreadcrumbsTiesParams, needs_base=True, paper_url=BREADCRUMBS_URL, elementwise=_no_trim, state=breadcrumbs_state),
     # DELLA's ranks are per row, but not `elementwise` even without rescale: the planner cuts the
     # 1-D tensors of elementwise methods too, and a 1-D tensor is one row
-    MergeMethod(name="della", fn=della, keyed_random=True, params_cls=DellaParams, needs_base=True, paper_url=DELLA_URL, elementwise=_no_trim, state=della_state),
-    MergeMethod(name="della_linear", fn=della_linear, keyed_random=True, params_cls=DellaLinearParams, needs_base=True, paper_url=DELLA_URL, elementwise=_no_trim, state=della_state),
+    MergeMethod(name="della", fn=della, params_cls=DellaParams, needs_base=True, paper_url=DELLA_URL, elementwise=_no_trim, state=della_state),
+    MergeMethod(name="della_linear", fn=della_linear, params_cls=DellaLinearParams, needs_base=True, paper_url=DELLA_URL, elementwise=_no_trim, state=della_state),
     MergeMethod(name="ram", fn=ram, params_cls=RamParams, needs_base=True, paper_url=RAM_URL, elementwise=_always),
     MergeMethod(name="ramplus_tl", fn=ramplus_tl, params_cls=RamplusTlParams, needs_base=True, paper_url=RAM_URL, state=ramplus_tl_state),
     MergeMethod(name="sar", fn=sar, params_cls=SarParams, needs_base=True, paper_url=SAR_URL, needs_fisher=True, elementwise=sar_elementwise, state=sar_state, update=sar_update, finish=sar_finish),

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from sar_dist.merge import ops
 from sar_dist.merge.base import TensorContext
+from sar_dist.merge.methods.trim import EntrySparsifier
 
 
 class _MaskRescaleState(abc.ABC):
@@ -36,6 +38,13 @@ class _MaskRescaleState(abc.ABC):
         self._factors: list[Tensor | None] = [None] * len(self._masked)
         self._l1: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self._masked]
         self._pending = rescale and any(self._masked)
+        self._held: dict[tuple[int, int], Tensor] | None = None
+
+    def hold_masks(self) -> None:
+        """Keep each block's masks from the norms pass for the merge that follows, which then draws
+        no random numbers again: one bool per entry and masked model, for a unit held in memory
+        (the planner's per-entry scratch of a unit covers it). Blocks must come at the same offsets."""
+        self._held = {}
 
     @abc.abstractmethod
     def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
@@ -51,9 +60,12 @@ class _MaskRescaleState(abc.ABC):
         for i, x in enumerate(tensors):
             if self._masked[i]:
                 d = x - base
+                keep = self._keep_mask(d, i, ctx)
+                if self._held is not None:
+                    self._held[(i, ctx.offset)] = keep
                 before, after = self._l1[i]
                 before.append(ops.row_l1(d))
-                after.append(ops.row_l1(d * self._keep_mask(d, i, ctx)))
+                after.append(ops.row_l1(ops.mask_product(d, keep)))
 
     def end_pass(self) -> None:
         """Close the norms pass."""
@@ -70,12 +82,40 @@ class _MaskRescaleState(abc.ABC):
             self.end_pass()
         return self
 
+    ENTRYWISE: ClassVar[bool] = False
+    """Whether a mask entry depends on that entry alone (then :meth:`_keep_mask_at` gives it)."""
+
+    def _keep_mask_at(self, positions: Tensor, numel: int, i: int, ctx: TensorContext) -> Tensor:
+        """Model ``i``'s keep-mask at ``positions`` of the block of ``numel`` entries at ``ctx.offset``."""
+        raise NotImplementedError
+
+    def sparse(self, ctx: TensorContext, numel: int) -> EntrySparsifier | None:
+        """:meth:`sparsify` on chosen entries of the block of ``numel`` entries at ``ctx.offset``
+        (``generalized_task_arithmetic(sparse=)``), or None where the mask needs the whole block or a
+        rescale factor is not finite (a signed zero would not stay one)."""
+        if not self.ENTRYWISE or not all(f is None or bool(torch.isfinite(f)) for f in self._factors):
+            return None
+
+        def entries(values: Tensor, i: int, positions: Tensor) -> Tensor:
+            if not self._masked[i]:
+                return values
+            held = self._held.pop((i, ctx.offset), None) if self._held is not None else None
+            keep = (held.reshape(-1).index_select(0, positions) if held is not None
+                    else self._keep_mask_at(positions, numel, i, ctx))
+            return self._apply(values, keep, i)
+
+        return entries
+
     def sparsify(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
         """Mask the next row chunk of model ``i``'s task vector (after the pass)."""
         assert not self.needs_pass()
         if not self._masked[i]:
             return delta
-        masked = delta * self._keep_mask(delta, i, ctx)
+        held = self._held.pop((i, ctx.offset), None) if self._held is not None else None
+        return self._apply(delta, held if held is not None else self._keep_mask(delta, i, ctx), i)
+
+    def _apply(self, delta: Tensor, keep: Tensor, i: int) -> Tensor:
+        masked = ops.mask_product(delta, keep)
         factor = self._factors[i]
         return masked.mul_(factor.to(masked.device)) if self.rescale and factor is not None else masked
 
@@ -97,8 +137,15 @@ class DropState(_MaskRescaleState):
         self.densities = tuple(densities)
         super().__init__([k < 1 for k in self.densities], rescale, dtype)
 
+    ENTRYWISE = True
+
     def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
         return ops.keyed_keep_mask(delta, self.densities[i], ctx, i)
+
+    def _keep_mask_at(self, positions: Tensor, numel: int, i: int, ctx: TensorContext) -> Tensor:
+        # the block's whole stream is drawn (each generator runs from its random block's start),
+        # then compared where asked: the same ``u < k`` at each entry
+        return ops.keyed_uniform(ctx, i, numel, positions.device)[positions] < self.densities[i]
 
 
 class DellaState(_MaskRescaleState):

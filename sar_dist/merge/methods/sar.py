@@ -165,14 +165,6 @@ def fisher(tensors: Sequence[Tensor], base: Tensor | None, p: FisherParams, *, c
     return num.div_(den)
 
 
-SPARSE_MAX_MODELS = 4
-"""Up to this many models :func:`sar_update` works on the changed entries only. torch's CPU
-``sum(dim=0)`` of a ``(K, N)`` tensor adds the K rows in order onto a +0 accumulator (float32 for
-bfloat16 and float16) for K <= 4 at every N, which :func:`_ordered_sum` repeats on any subset of
-columns; for K >= 5 the order of the last columns depends on N (measured, torch 2.13), so a
-compacted sum could change bits and those merges keep the dense formulas."""
-
-
 def sar_update(tensors: Sequence[Tensor], base: Tensor, p: SarParams, fisher: Sequence[Tensor]) -> Tensor:
     """Steps 1-3: the arbitrated update of a block (elementwise, before sparsification).
 
@@ -181,16 +173,13 @@ def sar_update(tensors: Sequence[Tensor], base: Tensor, p: SarParams, fisher: Se
     some model changed are gathered, and the Fisher arithmetic runs only on those updated by
     several; the result is bit-identical to the dense formulas (tests/test_sar.py).
     """
-    if (len(tensors) > SPARSE_MAX_MODELS or base.device.type != "cpu"  # the order was measured on CPU only
+    if (len(tensors) > ops.ORDERED_SUM_MAX_MODELS or base.device.type != "cpu"  # the order was measured on CPU only
             or not all(math.isfinite(w) for w in p.weights)):
         return _dense_update(tensors, base, p, fisher)
     shape = base.shape
     flat = [x.reshape(-1) for x in tensors]
+    idx = ops.changed_entries(flat, base)  # elsewhere x - base is +-0, never an update
     base = base.reshape(-1)
-    changed = ~torch.isfinite(base)  # inf - inf is NaN, which the dense formulas carry through
-    for x in flat:
-        changed.logical_or_(x != base)  # elsewhere x - base is +-0, never an update
-    idx = changed.nonzero().squeeze(1)
     out = torch.zeros_like(base)
     if idx.numel() == 0:
         return out.view(shape)
@@ -201,22 +190,13 @@ def sar_update(tensors: Sequence[Tensor], base: Tensor, p: SarParams, fisher: Se
     count = m.sum(dim=0)
     sub = torch.zeros_like(b)  # count 0: +0 under every arbitration
     single = count == 1
-    sub[single] = _ordered_sum(t[:, single])  # one update plus signed zeros: the update itself
+    sub[single] = ops.ordered_sum(t[:, single])  # one update plus signed zeros: the update itself
     several = (count >= 2).nonzero().squeeze(1)
     if several.numel():
         fk = torch.stack([f.reshape(-1)[idx[several]] for f in fisher])
         sub[several] = _arbitrate(t[:, several], m[:, several], fk, count[several], p)
     out[idx] = sub
     return out.view(shape)
-
-
-def _ordered_sum(a: Tensor) -> Tensor:
-    """``a.sum(dim=0)`` in the order torch's CPU kernel takes for K <= 4 (:data:`SPARSE_MAX_MODELS`)."""
-    acc_dtype = torch.float32 if a.dtype in (torch.bfloat16, torch.float16) else a.dtype
-    acc = torch.zeros(a.shape[1:], dtype=acc_dtype, device=a.device)
-    for row in a:
-        acc.add_(row)
-    return acc.to(a.dtype)
 
 
 def _dense_update(tensors: Sequence[Tensor], base: Tensor, p: SarParams, fisher: Sequence[Tensor]) -> Tensor:
@@ -230,7 +210,7 @@ def _dense_update(tensors: Sequence[Tensor], base: Tensor, p: SarParams, fisher:
     return torch.where(count == 1, t.sum(dim=0), update)
 
 
-def _arbitrate(t: Tensor, m: Tensor, fisher: Tensor, count: Tensor, p: SarParams, total=_ordered_sum) -> Tensor:
+def _arbitrate(t: Tensor, m: Tensor, fisher: Tensor, count: Tensor, p: SarParams, total=ops.ordered_sum) -> Tensor:
     """Step 3 over columns of masked updates ``t`` (K, n), masks ``m``, raw F ``fisher`` (K, n)."""
     f = fisher.clamp_min(p.fisher_floor) * m  # F_k over updaters only
     ft = f * t

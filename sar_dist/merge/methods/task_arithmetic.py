@@ -20,7 +20,7 @@ from torch import Tensor
 
 from sar_dist.merge import ops
 from sar_dist.merge.base import ANY_REAL, REQUIRED, UNIT, TensorContext, method_param, per_model
-from sar_dist.merge.methods.trim import TrimState
+from sar_dist.merge.methods.trim import EntrySparsifier, TrimState
 
 TASK_ARITHMETIC_URL = "https://arxiv.org/abs/2212.04089"
 TIES_URL = "https://arxiv.org/abs/2306.01708"
@@ -64,7 +64,6 @@ class TiesParams(TaskArithmeticParams):
 Sparsifier = Callable[[Tensor, int], Tensor]
 """``(delta, model_index) -> sparsified delta``, bound to one tensor's params and context."""
 
-
 def generalized_task_arithmetic(
     tensors: Sequence[Tensor],
     base: Tensor,
@@ -72,8 +71,13 @@ def generalized_task_arithmetic(
     *,
     sparsify: Sparsifier | None,
     elect: bool,
+    sparse: EntrySparsifier | None = None,
 ) -> Tensor:
     """The family's merge (module docstring gives the formula); presets choose ``sparsify``/``elect``.
+
+    With ``sparse`` (the same sparsifier on chosen entries), up to ``ops.ORDERED_SUM_MAX_MODELS``
+    models on the CPU and finite weights, only the entries some model changed are computed
+    (:func:`_changed_entries_merge`), with the same bits.
 
     Args:
         tensors: the non-base inputs, same shape and dtype as ``base``.
@@ -81,12 +85,17 @@ def generalized_task_arithmetic(
         p: resolved parameters (``weights`` has one value per input).
         sparsify: per-model sparsifier, or None for plain task vectors.
         elect: whether to apply TIES sign election.
+        sparse: ``sparsify`` on chosen entries, or None (then every entry is computed).
 
     Returns:
         The merged tensor, in ``base``'s dtype.
     """
     num_models = len(tensors)
     assert len(p.weights) == num_models, "resolver must give one weight per model"
+    weights = _weights(p, base)
+    if (sparse is not None and num_models <= ops.ORDERED_SUM_MAX_MODELS and base.device.type == "cpu"
+            and bool(torch.isfinite(weights).all())):
+        return _changed_entries_merge(tensors, base, p, weights, sparse, elect)
     # Stacked like mergekit so the reductions over models round the same way in bf16/fp16.
     deltas = base.new_empty((num_models, *base.shape))
     for i, x in enumerate(tensors):
@@ -94,8 +103,6 @@ def generalized_task_arithmetic(
         if sparsify is not None:
             deltas[i] = sparsify(deltas[i], i)
     # Weights are rounded to the compute dtype, as mergekit does.
-    weights = torch.tensor(p.weights, dtype=base.dtype, device=base.device)
-    weights = weights.view(num_models, *([1] * base.dim()))
     deltas.mul_(weights)
     if elect:
         mask = ops.sign_consensus_mask(deltas)
@@ -113,6 +120,61 @@ def generalized_task_arithmetic(
     if p.lambda_ != 1:
         mixed *= p.lambda_
     return base + mixed
+
+
+def _weights(p: TaskArithmeticParams, base: Tensor) -> Tensor:
+    """The weights rounded to the compute dtype, as mergekit does, shaped ``(K, 1, ...)`` against the models."""
+    return torch.tensor(p.weights, dtype=base.dtype, device=base.device).view(len(p.weights), *([1] * base.dim()))
+
+
+def _changed_entries_merge(
+    tensors: Sequence[Tensor], base: Tensor, p: TaskArithmeticParams, weights: Tensor, sparse: EntrySparsifier,
+    elect: bool,
+) -> Tensor:
+    """:func:`generalized_task_arithmetic` computed on the entries some model changed only.
+
+    Where every ``x_i`` equals a finite base, each ``d_i`` is a signed zero, and so is every
+    sparsified, weighted task vector (weights finite in the compute dtype; the sparsifier keeps
+    zeros). A sum of signed zeros onto +0 is +0, so the elected signs agree nowhere (``mask_i`` False), the mixed update is
+    +0 and the elected divisor 0 -> 1: the merged entry is ``base + z`` for the one ``z`` that the
+    divisor and lambda make of +0, as in the dense formula. On the changed entries the same IEEE
+    operations run in the same order (sums over the models in model order onto +0:
+    ``ops.ordered_sum``, the order of the dense ``sum(dim=0)`` up to ``ops.ORDERED_SUM_MAX_MODELS``).
+    """
+    shape = base.shape
+    flat = [x.reshape(-1) for x in tensors]
+    base = base.reshape(-1)
+    idx = ops.changed_entries(flat, base)
+    # z: the dense formula's ops on a mixed update of +0
+    zero = base.new_zeros(())
+    divisor = None
+    if not elect:  # the divisor of every entry, formed as the dense formula forms it
+        divisor = weights.sum(dim=0).reshape(())
+        divisor[divisor.abs() < 1e-8] = 1
+    if p.normalize and divisor is not None:
+        zero /= divisor
+    if p.lambda_ != 1:
+        zero *= p.lambda_
+    out = base + zero
+    if idx.numel() == 0:
+        return out.view(shape)
+    b = base.index_select(0, idx)
+    w = weights.reshape(-1, 1)
+    wd = [sparse(x.index_select(0, idx).sub_(b), i, idx).mul_(w[i]) for i, x in enumerate(flat)]
+    if elect:
+        positive = ops.ordered_sum(wd) >= 0
+        mask = [torch.where(positive, t > 0, t < 0) for t in wd]
+        mixed = ops.ordered_sum([t.mul_(m) for t, m in zip(wd, mask, strict=True)])
+        divisor = ops.ordered_sum([w[i] * m for i, m in enumerate(mask)])
+        divisor[divisor == 0] = 1
+    else:
+        mixed = ops.ordered_sum(wd)
+    del wd
+    if p.normalize:
+        mixed /= divisor
+    if p.lambda_ != 1:
+        mixed *= p.lambda_
+    return out.index_copy_(0, idx, b.add_(mixed)).view(shape)
 
 
 def task_arithmetic(tensors: Sequence[Tensor], base: Tensor, p: TaskArithmeticParams, *, ctx: TensorContext) -> Tensor:
@@ -135,7 +197,7 @@ def task_arithmetic(tensors: Sequence[Tensor], base: Tensor, p: TaskArithmeticPa
 FUSED_MAX_MODELS = 4
 """Up to this many models :func:`task_arithmetic_kernel` adds the weighted task vectors one by one
 onto a +0 accumulator, the order torch's CPU ``sum(dim=0)`` of a ``(K, n)`` float32 tensor takes
-for K <= 4 (the measurement ``sar.SPARSE_MAX_MODELS`` records); beyond, blocks keep the stacked sum."""
+for K <= 4 (the measurement ``ops.ORDERED_SUM_MAX_MODELS`` records); beyond, blocks keep the stacked sum."""
 
 
 def task_arithmetic_kernel(
@@ -202,4 +264,4 @@ def ties(
     """
     if state is None:  # the whole tensor is here: gather the trim statistics from it
         state = ties_state(p, base.numel(), base.dtype, base.device).run(tensors, base)
-    return generalized_task_arithmetic(tensors, base, p, elect=True, sparsify=state.sparsify)
+    return generalized_task_arithmetic(tensors, base, p, elect=True, sparsify=state.sparsify, sparse=state.sparse())

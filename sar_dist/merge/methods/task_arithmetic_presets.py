@@ -94,7 +94,8 @@ def _dare(
     if state is None:  # the whole tensor is here: its rescale norms come from it
         state = dare_state(p, base.numel(), base.dtype, base.device).run(tensors, base, ctx)
     return generalized_task_arithmetic(
-        tensors, base, p, sparsify=lambda d, i: state.sparsify(d, i, ctx), elect=elect
+        tensors, base, p, sparsify=lambda d, i: state.sparsify(d, i, ctx), elect=elect,
+        sparse=state.sparse(ctx, base.numel()),
     )
 
 
@@ -151,7 +152,7 @@ def _breadcrumbs(
 ) -> Tensor:
     if state is None:  # the whole tensor is here: its thresholds come from it
         state = breadcrumbs_state(p, base.numel(), base.dtype, base.device).run(tensors, base)
-    return generalized_task_arithmetic(tensors, base, p, sparsify=state.sparsify, elect=elect)
+    return generalized_task_arithmetic(tensors, base, p, sparsify=state.sparsify, elect=elect, sparse=state.sparse())
 
 
 def breadcrumbs(

@@ -24,13 +24,20 @@ need only pass 3: :mod:`sar_dist.merge.methods.drop`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from sar_dist.merge import ops
 from sar_dist.merge.base import TensorContext
+
+EntrySparsifier = Callable[[Tensor, int, Tensor], Tensor]
+"""``(values, model_index, positions) -> sparsified values``: a sparsifier of one row chunk on some
+of its entries only (``positions``: their flat indices in the chunk, ascending; ``values``: the task
+vector there), giving exactly the sparsified task vector at those entries. It is asked only for the
+entries where some model changed the base, which include every entry it could keep, and it maps a
+signed zero to a signed zero (``task_arithmetic.generalized_task_arithmetic(sparse=)``)."""
 
 MAX_KEPT_MAGNITUDES = 2**22
 """Nonzero magnitudes a model may keep from the counting pass (a fixed bound, so the memory of
@@ -87,6 +94,12 @@ class BandState:
 
     def observe(self, tensors: Sequence[Tensor], base: Tensor, ctx: TensorContext | None = None) -> None:
         """Feed one row chunk of the inputs (compute dtype) during a pass (``ctx`` unused)."""
+        if self._phase == "count":  # nonzero task-vector entries lie where some model changed the base
+            idx = ops.changed_entries(tensors, base)
+            b = base.reshape(-1).index_select(0, idx)
+            self._observe_deltas([x.reshape(-1).index_select(0, idx).sub_(b) if self.bands[i] is not None else None
+                                  for i, x in enumerate(tensors)])
+            return
         self._observe_deltas([x - base if self.bands[i] is not None else None for i, x in enumerate(tensors)])
 
     def _selectors(self) -> list[ops.MagnitudeSelector]:
@@ -108,7 +121,7 @@ class BandState:
                 after.append(ops.row_l1(d * self._mask(d, i)))
 
     def _count(self, d: Tensor, i: int) -> None:
-        nz = d[d != 0]
+        nz = ops.nonzero_values(d.reshape(-1))
         self._nonzero[i] += nz.numel()
         # keep the nonzero magnitudes while they are few (sparse RLVR updates): the exact
         # thresholds are then one selection on them, with no radix passes
@@ -189,6 +202,20 @@ class BandState:
             mask = ~lo.mask(delta) if mask is None else mask.logical_and_(~lo.mask(delta))
         assert mask is not None, "a masked band has at least one threshold"
         return mask
+
+    def sparse(self) -> EntrySparsifier | None:
+        """:meth:`sparsify` on the changed entries of the next row chunk
+        (``generalized_task_arithmetic(sparse=)``), or None where a rescale factor is not finite (a
+        signed zero would not stay one).
+
+        A band's mask at an entry depends on its magnitude and, for magnitudes equal to a threshold,
+        on how many equal ones come before it in flattened order; a threshold is a nonzero
+        magnitude (it lies inside the nonzero count), so every entry equal to it has a nonzero task
+        vector and is among the changed entries, in the same order.
+        """
+        if not all(f is None or bool(torch.isfinite(f)) for f in self._factors):
+            return None
+        return lambda values, i, positions: self.sparsify(values, i)
 
     def sparsify(self, delta: Tensor, i: int) -> Tensor:
         """Mask the next row chunk of model ``i``'s task vector (chunks in order, after the passes)."""
