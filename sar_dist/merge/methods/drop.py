@@ -28,23 +28,30 @@ class _MaskRescaleState(abc.ABC):
     Args:
         masked: per model, whether its task vector is masked at all.
         rescale: whether to L1-rescale.
+        numel: elements in the whole tensor.
         dtype: compute dtype.
     """
 
-    def __init__(self, masked: Sequence[bool], rescale: bool, dtype: torch.dtype):
+    def __init__(self, masked: Sequence[bool], rescale: bool, numel: int, dtype: torch.dtype):
         self.rescale = rescale
+        self._numel = numel
         self._dtype = dtype
         self._masked = tuple(masked)
         self._factors: list[Tensor | None] = [None] * len(self._masked)
-        self._l1: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self._masked]
+        self._l1 = [(ops.RowSums(numel), ops.RowSums(numel)) for _ in self._masked]
         self._pending = rescale and any(self._masked)
-        self._held: dict[tuple[int, int], Tensor] | None = None
+        self._held: Tensor | None = None
 
     def hold_masks(self) -> None:
-        """Keep each block's masks from the norms pass for the merge that follows, which then draws
-        no random numbers again: one bool per entry and masked model, for a unit held in memory
-        (the planner's per-entry scratch of a unit covers it). Blocks must come at the same offsets."""
-        self._held = {}
+        """Keep the masks of the norms pass for the merge that follows, which then draws no random
+        numbers again: one bool per entry and model, in one buffer, for a tensor held whole in
+        memory (the planner's per-entry scratch of a unit covers it)."""
+        if self._pending:
+            self._held = torch.empty((len(self._masked), self._numel), dtype=torch.bool)
+
+    def _held_mask(self, i: int, ctx: TensorContext, numel: int) -> Tensor | None:
+        """Model ``i``'s held mask of the block of ``numel`` entries at ``ctx.offset`` (flat), if held."""
+        return None if self._held is None else self._held[i, ctx.offset:ctx.offset + numel]
 
     @abc.abstractmethod
     def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
@@ -62,16 +69,16 @@ class _MaskRescaleState(abc.ABC):
                 d = x - base
                 keep = self._keep_mask(d, i, ctx)
                 if self._held is not None:
-                    self._held[(i, ctx.offset)] = keep
+                    self._held[i, ctx.offset:ctx.offset + keep.numel()].copy_(keep.reshape(-1))
                 before, after = self._l1[i]
-                before.append(ops.row_l1(d))
-                after.append(ops.row_l1(ops.mask_product(d, keep)))
+                ops.row_l1(d, out=before.slot(d))
+                ops.row_l1(ops.mask_product(d, keep), out=after.slot(d))
 
     def end_pass(self) -> None:
         """Close the norms pass."""
         for i, (before, after) in enumerate(self._l1):
             if self._masked[i]:
-                self._factors[i] = ops.rescale_factor(before, after, self._dtype)
+                self._factors[i] = ops.rescale_factor(before.pieces(), after.pieces(), self._dtype)
         self._l1 = []
         self._pending = False
 
@@ -99,9 +106,8 @@ class _MaskRescaleState(abc.ABC):
         def entries(values: Tensor, i: int, positions: Tensor) -> Tensor:
             if not self._masked[i]:
                 return values
-            held = self._held.pop((i, ctx.offset), None) if self._held is not None else None
-            keep = (held.reshape(-1).index_select(0, positions) if held is not None
-                    else self._keep_mask_at(positions, numel, i, ctx))
+            held = self._held_mask(i, ctx, numel)
+            keep = held.index_select(0, positions) if held is not None else self._keep_mask_at(positions, numel, i, ctx)
             return self._apply(values, keep, i)
 
         return entries
@@ -111,8 +117,8 @@ class _MaskRescaleState(abc.ABC):
         assert not self.needs_pass()
         if not self._masked[i]:
             return delta
-        held = self._held.pop((i, ctx.offset), None) if self._held is not None else None
-        return self._apply(delta, held if held is not None else self._keep_mask(delta, i, ctx), i)
+        held = self._held_mask(i, ctx, delta.numel())
+        return self._apply(delta, held.view(delta.shape) if held is not None else self._keep_mask(delta, i, ctx), i)
 
     def _apply(self, delta: Tensor, keep: Tensor, i: int) -> Tensor:
         masked = ops.mask_product(delta, keep)
@@ -127,7 +133,7 @@ class DropState(_MaskRescaleState):
     Args:
         densities: keep probability ``k_i`` per model.
         rescale: whether to L1-rescale.
-        numel: elements in the whole tensor (unused: the mask is elementwise).
+        numel: elements in the whole tensor.
         dtype: compute dtype.
         device: compute device (unused).
     """
@@ -135,7 +141,7 @@ class DropState(_MaskRescaleState):
     def __init__(self, densities: Sequence[float], rescale: bool, numel: int, dtype: torch.dtype,
                  device: torch.device | str):
         self.densities = tuple(densities)
-        super().__init__([k < 1 for k in self.densities], rescale, dtype)
+        super().__init__([k < 1 for k in self.densities], rescale, numel, dtype)
 
     ENTRYWISE = True
 
@@ -157,7 +163,7 @@ class DellaState(_MaskRescaleState):
         densities: mean keep probability ``k_i`` per model (>= 1 keeps all, <= 0 zeros).
         epsilons: keep-probability half-width per model.
         rescale: whether to L1-rescale.
-        numel: elements in the whole tensor (unused).
+        numel: elements in the whole tensor.
         dtype: compute dtype.
         device: compute device (unused).
     """
@@ -165,7 +171,7 @@ class DellaState(_MaskRescaleState):
     def __init__(self, densities: Sequence[float], epsilons: Sequence[float], rescale: bool, numel: int,
                  dtype: torch.dtype, device: torch.device | str):
         self.densities, self.epsilons = tuple(densities), tuple(epsilons)
-        super().__init__([0 < k < 1 for k in self.densities], rescale, dtype)
+        super().__init__([0 < k < 1 for k in self.densities], rescale, numel, dtype)
 
     def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
         return ops.della_keep_mask(delta, self.densities[i], self.epsilons[i], ctx=ctx, model_index=i)

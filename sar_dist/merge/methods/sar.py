@@ -236,12 +236,12 @@ def _arbitrate(t: Tensor, m: Tensor, fisher: Tensor, count: Tensor, p: SarParams
     return torch.where(conflict, strongest, mean)
 
 
-def _row_sums(x: Tensor, kind: str) -> Tensor:
-    """Per-row float64 sums of ``|x|`` (l1) or ``x**2`` (l2): chunking- and thread-independent."""
+def _row_sums(x: Tensor, kind: str, out: Tensor) -> Tensor:
+    """Per-row float64 sums of ``|x|`` (l1) or ``x**2`` (l2) into ``out``: chunking- and thread-independent."""
     if kind == "l1":
-        return ops.row_l1(x)
+        return ops.row_l1(x, out=out)
     rows = x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
-    return rows.double().square().sum(dim=1)
+    return torch.sum(rows.double().square(), dim=1, out=out)
 
 
 class SarState:
@@ -266,7 +266,7 @@ class SarState:
         self._values: list[Tensor] | None = []
         self._num_values = 0
         self._selector: ops.MagnitudeSelector | None = None
-        self._norms: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self._norms = (ops.RowSums(numel), ops.RowSums(numel))
         self._factor: Tensor | None = None
         self._empty = False
 
@@ -280,7 +280,7 @@ class SarState:
 
     def observe_update(self, u: Tensor) -> None:
         if self._phase == "count":
-            nz = u[u != 0]
+            nz = ops.nonzero_values(u.reshape(-1))
             self._nonzero += nz.numel()
             if self._values is not None and self._num_values + nz.numel() <= MAX_KEPT_MAGNITUDES:
                 self._values.append(nz.abs())
@@ -291,8 +291,8 @@ class SarState:
             self._selector.observe(u)
         elif self._phase == "norms":
             before, after = self._norms
-            before.append(_row_sums(u, self.params.rescale))
-            after.append(_row_sums(u * self._selector.mask(u), self.params.rescale))
+            _row_sums(u, self.params.rescale, before.slot(u))
+            _row_sums(u * self._selector.mask(u), self.params.rescale, after.slot(u))
 
     def end_pass(self) -> None:
         if self._phase == "count":
@@ -313,9 +313,9 @@ class SarState:
             self._selector.end_pass()
         elif self._phase == "norms":
             before, after = self._norms
-            self._factor = self._rescale_factor(before, after)
+            self._factor = self._rescale_factor(before.pieces(), after.pieces())
             self._selector.rewind()
-            self._norms = ([], [])
+            self._norms = (ops.RowSums(self.numel), ops.RowSums(self.numel))
             self._phase = "ready"
             return
         if self._phase == "select" and not self._selector.needs_pass():

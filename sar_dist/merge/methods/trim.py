@@ -84,7 +84,7 @@ class BandState:
         self._lo: list[ops.MagnitudeSelector | None] = [None] * num_models
         self._factors: list[Tensor | None] = [None] * num_models
         self._phase = "count" if any(b is not None for b in self.bands) else "ready"
-        self._l1: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._l1: list[tuple[ops.RowSums, ops.RowSums]] = []
         self._values: list[list[Tensor] | None] = [[] for _ in self.bands]
         self._num_values = [0] * num_models
 
@@ -117,8 +117,8 @@ class BandState:
                         sel.observe(d)
             elif self._phase == "norms" and self._kinds[i] == _MASK:
                 before, after = self._l1[i]
-                before.append(ops.row_l1(d))
-                after.append(ops.row_l1(d * self._mask(d, i)))
+                ops.row_l1(d, out=before.slot(d))
+                ops.row_l1(d * self._mask(d, i), out=after.slot(d))
 
     def _count(self, d: Tensor, i: int) -> None:
         nz = ops.nonzero_values(d.reshape(-1))
@@ -169,7 +169,7 @@ class BandState:
         elif self._phase == "norms":
             for i, (before, after) in enumerate(self._l1):
                 if self._kinds[i] == _MASK:
-                    self._factors[i] = ops.rescale_factor(before, after, self._dtype)
+                    self._factors[i] = ops.rescale_factor(before.pieces(), after.pieces(), self._dtype)
             for sel in self._selectors():
                 sel.rewind()
             self._l1 = []
@@ -178,7 +178,7 @@ class BandState:
         if self._phase == "select" and not any(s.needs_pass() for s in self._selectors()):
             if self.rescale and _MASK in self._kinds:
                 self._phase = "norms"
-                self._l1 = [([], []) for _ in self.bands]
+                self._l1 = [(ops.RowSums(self.numel), ops.RowSums(self.numel)) for _ in self.bands]
             else:
                 self._phase = "ready"
 
