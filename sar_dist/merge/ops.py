@@ -192,18 +192,31 @@ class MagnitudeSelector:
         return not self._trivial and self._shift >= 0
 
     def _bits(self, piece: Tensor) -> Tensor:
-        return piece.detach().reshape(-1).view(self._int_dtype).long() & self._sign_mask
+        """``|x|`` as non-negative integers in ``x``'s own width (the sign bit cleared)."""
+        return piece.detach().reshape(-1).view(self._int_dtype) & self._sign_mask
+
+    def _digit(self, bits: Tensor | np.ndarray) -> Tensor | np.ndarray:
+        """This pass's 16 bits of each magnitude (the top digit needs no mask: the sign bit is clear)."""
+        digit = bits >> self._shift
+        return digit & (2**_RADIX_BITS - 1) if self._shift + _RADIX_BITS < self._total_bits else digit
 
     def observe(self, piece: Tensor) -> None:
         """Count one piece's magnitudes in this pass's histogram."""
         assert self.needs_pass()
         if self._hist is None:
             self._hist = torch.zeros(2**_RADIX_BITS, dtype=torch.long, device=self._device)
+        top = self._shift + _RADIX_BITS < self._total_bits  # only magnitudes with the prefix count
         for part in piece.reshape(-1).split(_CHUNK_NUMEL):
             bits = self._bits(part)
-            if self._shift + _RADIX_BITS < self._total_bits:
+            bn = numpy_view(bits)
+            if bn is not None:  # on the CPU: numpy (see numpy_view)
+                if top:
+                    bn = bn[(bn >> (self._shift + _RADIX_BITS)) == self._prefix]
+                self._hist += torch.from_numpy(np.bincount(self._digit(bn), minlength=2**_RADIX_BITS))
+                continue
+            if top:
                 bits = bits[(bits >> (self._shift + _RADIX_BITS)) == self._prefix]
-            self._hist += torch.bincount((bits >> self._shift) & (2**_RADIX_BITS - 1), minlength=2**_RADIX_BITS)
+            self._hist += torch.bincount(self._digit(bits).long(), minlength=2**_RADIX_BITS)
 
     def end_pass(self) -> None:
         """Fix the next 16 bits of the threshold from this pass's histogram."""
@@ -225,14 +238,22 @@ class MagnitudeSelector:
         assert not self.needs_pass()
         if self._trivial:
             return torch.full(piece.shape, self.num_keep > 0, dtype=torch.bool, device=piece.device)
+        bits = self._bits(piece)
+        bn = numpy_view(bits)
+        if bn is not None:  # on the CPU: numpy (see numpy_view)
+            keep = bn > self._prefix
+            if self._remaining > 0:  # ties at the threshold: the lowest flattened indices first
+                equal = np.flatnonzero(bn == self._prefix)[: self._remaining]
+                keep[equal] = True
+                self._remaining -= equal.size
+            return torch.from_numpy(keep).view(piece.shape)
         out = torch.empty(piece.numel(), dtype=torch.bool, device=piece.device)
         pos = 0
-        for part in piece.reshape(-1).split(_CHUNK_NUMEL):
-            bits = self._bits(part)
+        for part in bits.split(_CHUNK_NUMEL):
             dst = out[pos : pos + part.numel()]
-            torch.gt(bits, self._prefix, out=dst)
+            torch.gt(part, self._prefix, out=dst)
             if self._remaining > 0:
-                equal = bits == self._prefix
+                equal = part == self._prefix
                 num_equal = int(equal.sum().item())
                 if num_equal > self._remaining:  # deterministic tie-break: lowest flattened index first
                     cut = int(equal.nonzero()[self._remaining - 1, 0].item()) + 1
@@ -333,6 +354,12 @@ def changed_entries(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
     return torch.from_numpy(np.flatnonzero(changed))
 
 
+def flat_indices(mask: Tensor) -> Tensor:
+    """The flat indices (int64, ascending) of a bool tensor's True entries (numpy's on the CPU)."""
+    mn = numpy_view(mask.reshape(-1))
+    return mask.reshape(-1).nonzero().squeeze(1) if mn is None else torch.from_numpy(np.flatnonzero(mn))
+
+
 def numpy_view(t: Tensor) -> np.ndarray | None:
     """A zero-copy numpy view of a contiguous CPU tensor (bfloat16 as its int16 bits), or None.
 
@@ -355,7 +382,9 @@ def nonzero_values(x: Tensor) -> Tensor:
     xn = numpy_view(x) if x.dtype != torch.bfloat16 else None
     if xn is None:
         return x[x != 0]
-    return torch.from_numpy(xn[xn != 0])
+    # an index list, then a gather: 4x faster than indexing by the bool mask (259K float32 entries,
+    # 14% nonzero: 163 vs 625 us on 2 vCPU)
+    return torch.from_numpy(xn[np.flatnonzero(xn != 0)])
 
 
 # --------------------------------------------------------------------------- sparsifiers

@@ -183,19 +183,23 @@ def sar_update(tensors: Sequence[Tensor], base: Tensor, p: SarParams, fisher: Se
     out = torch.zeros_like(base)
     if idx.numel() == 0:
         return out.view(shape)
-    b = base[idx]
-    t = torch.stack([(x[idx] - b).mul_(w) for x, w in zip(flat, p.weights, strict=True)])
+    # gathers and scatters by index lists (index_select / index_copy_), several times faster on the
+    # CPU than indexing by bool masks or index tensors; the same values
+    b = base.index_select(0, idx)
+    t = torch.stack([x.index_select(0, idx).sub_(b).mul_(w) for x, w in zip(flat, p.weights, strict=True)])
     m = t.abs() > p.eps
     t.mul_(m)
     count = m.sum(dim=0)
     sub = torch.zeros_like(b)  # count 0: +0 under every arbitration
-    single = count == 1
-    sub[single] = ops.ordered_sum(t[:, single])  # one update plus signed zeros: the update itself
-    several = (count >= 2).nonzero().squeeze(1)
+    single = ops.flat_indices(count == 1)
+    sub.index_copy_(0, single, ops.ordered_sum(t.index_select(1, single)))  # one update plus signed zeros
+    several = ops.flat_indices(count >= 2)
     if several.numel():
-        fk = torch.stack([f.reshape(-1)[idx[several]] for f in fisher])
-        sub[several] = _arbitrate(t[:, several], m[:, several], fk, count[several], p)
-    out[idx] = sub
+        at = idx.index_select(0, several)
+        fk = torch.stack([f.reshape(-1).index_select(0, at) for f in fisher])
+        sub.index_copy_(0, several, _arbitrate(t.index_select(1, several), m.index_select(1, several), fk,
+                                               count.index_select(0, several), p))
+    out.index_copy_(0, idx, sub)
     return out.view(shape)
 
 
