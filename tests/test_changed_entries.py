@@ -1,8 +1,8 @@
 """The task-arithmetic family on the changed entries only (``generalized_task_arithmetic(sparse=)``)
 against its dense formula, bit for bit: TIES, DARE and Model Breadcrumbs, with and without sign
 election, on sparse updates with planted ties, signed zeros, inf and NaN, mixed-sign and zero weights,
-every compute dtype, and from 1 to 5 models (5 takes the dense formula); and the random masks held
-from DARE's norms pass."""
+every compute dtype, and from 1 to 5 models (5 takes the dense formula); the random masks held
+from DARE's norms pass; and the per-row L1 sums gathered block by block into one vector."""
 
 from __future__ import annotations
 
@@ -87,3 +87,17 @@ def test_dare_holds_the_norms_pass_masks_for_the_merge():
     assert torch.equal(merged(True).view(torch.int32), merged(False).view(torch.int32))
     want = method.fn(models, base, p, ctx=CTX)
     assert torch.equal(merged(True).view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("shape,step", [((37, 29), 5), ((300,), 64), ((6, 0), 4), ((), 1)])
+def test_row_sums_in_blocks_are_the_whole_tensor_row_l1(shape, step):
+    """``ops.RowSums`` filled block by block (sized at the first block, grown where it cannot tell
+    the row count) holds exactly the whole tensor's per-row L1 sums."""
+    from sar_dist.merge import ops
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 1e-3
+    sums = ops.RowSums(x.numel())
+    blocks = [x] if x.dim() == 0 else [x[r0:r0 + step] for r0 in range(0, x.shape[0], step)]
+    for block in blocks:
+        ops.row_l1(block, out=sums.slot(block))
+    (got,) = sums.pieces()
+    assert torch.equal(got, ops.row_l1(x))

@@ -379,7 +379,7 @@ def numpy_view(t: Tensor) -> np.ndarray | None:
 
 def nonzero_values(x: Tensor) -> Tensor:
     """The entries of a 1-D tensor that are not +-0 (NaN included), in order."""
-    xn = numpy_view(x) if x.dtype != torch.bfloat16 else None
+    xn = numpy_view(x) if x.dtype != torch.bfloat16 else None  # bf16's bits: -0 is not 0 there
     if xn is None:
         return x[x != 0]
     # an index list, then a gather: 4x faster than indexing by the bool mask (259K float32 entries,
@@ -422,16 +422,28 @@ class RowSums:
     def slot(self, x: Tensor) -> Tensor:
         """The part of the vector for the row block ``x`` (the next rows)."""
         rows = _rows(x)
-        if self._sums is None:
-            total = self.numel // rows.shape[1] if rows.shape[1] else rows.shape[0]
-            self._sums = torch.empty(total, dtype=torch.float64, device=x.device)
-        part = self._sums[self._filled:self._filled + rows.shape[0]]
-        self._filled += rows.shape[0]
+        stop = self._filled + rows.shape[0]
+        if self._sums is None or self._sums.numel() < stop:
+            # sized for the whole tensor at the first block (its rows are this wide); grown only
+            # if they are not (zero-width rows, where numel says nothing of the row count)
+            total = max(stop, self.numel // rows.shape[1] if rows.shape[1] else 0)
+            grown = torch.empty(total, dtype=torch.float64, device=x.device)
+            if self._sums is not None:
+                grown[:self._filled] = self._sums[:self._filled]
+            self._sums = grown
+        part = self._sums[self._filled:stop]
+        self._filled = stop
         return part
 
     def pieces(self) -> list[Tensor]:
         """The sums so far, as one piece (for :func:`rescale_factor`)."""
         return [] if self._sums is None else [self._sums[:self._filled]]
+
+
+def keeps_zeros(factors: Sequence[Tensor | None]) -> bool:
+    """Whether rescaling by each of ``factors`` (None: no rescale) maps a signed zero to a signed zero:
+    every factor is finite (``0 * inf`` is NaN)."""
+    return all(f is None or bool(torch.isfinite(f)) for f in factors)
 
 
 def rescale_factor(before: Sequence[Tensor], after: Sequence[Tensor], dtype: torch.dtype) -> Tensor | None:
@@ -509,7 +521,7 @@ def mask_product(x: Tensor, keep: Tensor) -> Tensor:
     """``x * keep`` for a bool ``keep`` of ``x``'s shape: ``x`` where kept, a zero of ``x``'s sign
     (NaN for inf and NaN) elsewhere, the IEEE product by 1 or 0 (in numpy on the CPU, where torch's
     float-by-bool product is slow: 1181 vs 249 us for 2**20 float32 entries on 2 vCPU)."""
-    xn = numpy_view(x) if x.dtype != torch.bfloat16 else None
+    xn = numpy_view(x) if x.dtype != torch.bfloat16 else None  # bf16 is viewed as bits: no product
     kn = numpy_view(keep) if xn is not None else None
     if xn is None or kn is None:
         return x * keep

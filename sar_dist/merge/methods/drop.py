@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -89,29 +88,6 @@ class _MaskRescaleState(abc.ABC):
             self.end_pass()
         return self
 
-    ENTRYWISE: ClassVar[bool] = False
-    """Whether a mask entry depends on that entry alone (then :meth:`_keep_mask_at` gives it)."""
-
-    def _keep_mask_at(self, positions: Tensor, numel: int, i: int, ctx: TensorContext) -> Tensor:
-        """Model ``i``'s keep-mask at ``positions`` of the block of ``numel`` entries at ``ctx.offset``."""
-        raise NotImplementedError
-
-    def sparse(self, ctx: TensorContext, numel: int) -> EntrySparsifier | None:
-        """:meth:`sparsify` on chosen entries of the block of ``numel`` entries at ``ctx.offset``
-        (``generalized_task_arithmetic(sparse=)``), or None where the mask needs the whole block or a
-        rescale factor is not finite (a signed zero would not stay one)."""
-        if not self.ENTRYWISE or not all(f is None or bool(torch.isfinite(f)) for f in self._factors):
-            return None
-
-        def entries(values: Tensor, i: int, positions: Tensor) -> Tensor:
-            if not self._masked[i]:
-                return values
-            held = self._held_mask(i, ctx, numel)
-            keep = held.index_select(0, positions) if held is not None else self._keep_mask_at(positions, numel, i, ctx)
-            return self._apply(values, keep, i)
-
-        return entries
-
     def sparsify(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
         """Mask the next row chunk of model ``i``'s task vector (after the pass)."""
         assert not self.needs_pass()
@@ -143,15 +119,28 @@ class DropState(_MaskRescaleState):
         self.densities = tuple(densities)
         super().__init__([k < 1 for k in self.densities], rescale, numel, dtype)
 
-    ENTRYWISE = True
-
     def _keep_mask(self, delta: Tensor, i: int, ctx: TensorContext) -> Tensor:
         return ops.keyed_keep_mask(delta, self.densities[i], ctx, i)
 
-    def _keep_mask_at(self, positions: Tensor, numel: int, i: int, ctx: TensorContext) -> Tensor:
-        # the block's whole stream is drawn (each generator runs from its random block's start),
-        # then compared where asked: the same ``u < k`` at each entry
-        return ops.keyed_uniform(ctx, i, numel, positions.device)[positions] < self.densities[i]
+    def sparse(self, ctx: TensorContext, numel: int) -> EntrySparsifier | None:
+        """:meth:`sparsify` on chosen entries of the block of ``numel`` entries at ``ctx.offset``
+        (``generalized_task_arithmetic(sparse=)``: the keyed mask is elementwise), or None where a
+        rescale factor is not finite (a signed zero would not stay one)."""
+        if not ops.keeps_zeros(self._factors):
+            return None
+
+        def entries(values: Tensor, i: int, positions: Tensor) -> Tensor:
+            if not self._masked[i]:
+                return values
+            held = self._held_mask(i, ctx, numel)
+            if held is not None:
+                return self._apply(values, held.index_select(0, positions), i)
+            # the block's whole stream is drawn (each generator runs from its random block's
+            # start), then compared where asked: ``u < k`` as keyed_keep_mask compares it
+            u = ops.keyed_uniform(ctx, i, numel).index_select(0, positions.cpu())
+            return self._apply(values, ops.below(u, self.densities[i]).to(positions.device), i)
+
+        return entries
 
 
 class DellaState(_MaskRescaleState):

@@ -64,6 +64,7 @@ class TiesParams(TaskArithmeticParams):
 Sparsifier = Callable[[Tensor, int], Tensor]
 """``(delta, model_index) -> sparsified delta``, bound to one tensor's params and context."""
 
+
 def generalized_task_arithmetic(
     tensors: Sequence[Tensor],
     base: Tensor,
@@ -135,9 +136,9 @@ def _changed_entries_merge(
 
     Where every ``x_i`` equals a finite base, each ``d_i`` is a signed zero, and so is every
     sparsified, weighted task vector (weights finite in the compute dtype; the sparsifier keeps
-    zeros). A sum of signed zeros onto +0 is +0, so the elected signs agree nowhere (``mask_i`` False), the mixed update is
-    +0 and the elected divisor 0 -> 1: the merged entry is ``base + z`` for the one ``z`` that the
-    divisor and lambda make of +0, as in the dense formula. On the changed entries the same IEEE
+    zeros). A sum of signed zeros onto +0 is +0, so the elected signs agree nowhere (``mask_i``
+    False), the mixed update is +0 and the elected divisor 0 -> 1: the merged entry is ``base + z``
+    for the one ``z`` that the divisor and lambda make of +0, as in the dense formula. On the changed entries the same IEEE
     operations run in the same order (sums over the models in model order onto +0:
     ``ops.ordered_sum``, the order of the dense ``sum(dim=0)`` up to ``ops.ORDERED_SUM_MAX_MODELS``).
     """

@@ -213,7 +213,7 @@ class BandState:
         magnitude (it lies inside the nonzero count), so every entry equal to it has a nonzero task
         vector and is among the changed entries, in the same order.
         """
-        if not all(f is None or bool(torch.isfinite(f)) for f in self._factors):
+        if not ops.keeps_zeros(self._factors):
             return None
         return lambda values, i, positions: self.sparsify(values, i)
 
